@@ -1,0 +1,102 @@
+"""The model configuration: one frozen dataclass and the table of published BERT sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT encoder. Defaults are BERT-base (uncased vocabulary)."""
+
+  vocab_size: int = 30522  # rows of the word-embedding table (and MLM outputs)
+  hidden_size: int = 768  # model width D
+  num_layers: int = 12  # encoder layers
+  num_heads: int = 12  # attention heads N; head_dim H = D / N
+  intermediate_size: int = 3072  # feed-forward width
+  max_position_embeddings: int = 512  # rows of the learned position table
+  type_vocab_size: int = 2  # segment (token-type) ids
+  hidden_dropout: float = 0.1  # dropout on embeddings and sub-layer outputs
+  attention_dropout: float = 0.1  # dropout on attention probabilities
+  layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's value)
+  initializer_range: float = 0.02  # stddev of the truncated-free normal init
+  dtype: str = "float32"  # compute dtype of matmuls ("bfloat16" on TPU/GPU)
+  param_dtype: str = "float32"  # storage dtype of parameters
+  remat: bool = False  # rematerialise each encoder layer in the backward pass
+  attention: str = "einsum"  # "einsum" or "dot_product" (jax.nn.dot_product_attention)
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      value = jnp.dtype(getattr(self, name)).name
+      if value not in _DTYPES:
+        raise ValueError(f"BertConfig.{name} must be one of {_DTYPES}, got {value!r}")
+      object.__setattr__(self, name, value)
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
+          f"num_heads {self.num_heads}")
+    if self.attention not in ("einsum", "dot_product"):
+      raise ValueError(f"BertConfig.attention must be 'einsum' or 'dot_product', "
+                       f"got {self.attention!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> BertConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"BertConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+    return cls(**d)
+
+  @classmethod
+  def from_json(cls, text: str) -> BertConfig:
+    return cls.from_dict(json.loads(text))
+
+
+def _size(layers: int, hidden: int, heads: int) -> dict[str, int]:
+  return dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
+              intermediate_size=4 * hidden)
+
+
+# The published BERT sizes (Turc et al. 2019 for the small ones; Devlin et al. 2019).
+VARIANTS: dict[str, dict[str, int]] = {
+    "tiny": _size(2, 128, 2),
+    "mini": _size(4, 256, 4),
+    "small": _size(4, 512, 8),
+    "medium": _size(8, 512, 8),
+    "base": _size(12, 768, 12),
+    "large": _size(24, 1024, 16),
+}
+
+
+def get_variant(name: str, **overrides: Any) -> BertConfig:
+  """Returns the named BERT size, e.g. `get_variant("base", vocab_size=32000)`."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model variant {name!r}; choose one of {sorted(VARIANTS)}")
+  return BertConfig(**{**VARIANTS[name], **overrides})

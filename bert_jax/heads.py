@@ -1,0 +1,119 @@
+"""Task heads and the models that put one encoder under them.
+
+Every task model keeps the encoder under the parameter name `bert`, so an encoder trained by one
+task restores into another by copying that subtree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.config import BertConfig
+from bert_jax.model import BertModel, Decoder, dense, gelu, layer_norm
+
+Array = jax.Array
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+  """x [B, T, D], positions [B, P] int -> [B, P, D]."""
+  return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
+
+
+class MaskedLMHead(nn.Module):
+  """Dense -> GELU -> LayerNorm -> tied word-embedding decoder + output bias.
+
+  x [B, P, D] (the encoder output at the masked positions only) -> logits [B, P, vocab] float32.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, decode: Decoder) -> Array:
+    cfg = self.config
+    h = layer_norm(cfg, "layer_norm")(gelu(dense(cfg, cfg.hidden_size, "transform")(x)))
+    bias = self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
+    return decode(h).astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class NextSentenceHead(nn.Module):
+  """pooled [B, D] -> logits [B, 2] float32 (0 = B follows A, 1 = B is random)."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, pooled: Array) -> Array:
+    return dense(self.config, 2, "dense")(pooled).astype(jnp.float32)
+
+
+class ClassifierHead(nn.Module):
+  """Dropout -> Dense(num_labels): pooled [B, D] -> logits [B, num_labels] float32."""
+
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, pooled: Array, deterministic: bool) -> Array:
+    x = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
+    return dense(self.config, self.num_labels, "dense")(x).astype(jnp.float32)
+
+
+class SpanHead(nn.Module):
+  """sequence [B, T, D] -> start and end logits, each [B, T] float32."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> dict[str, Array]:
+    logits = dense(self.config, 2, "dense")(x).astype(jnp.float32)
+    return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
+
+
+class BertForPreTraining(nn.Module):
+  """Encoder + masked-LM head (sparse, at `masked_lm_positions`) + next-sentence head.
+
+  Returns {"sequence_output", "pooled_output", "mlm_logits" [B, P, V], "nsp_logits" [B, 2]}.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    self.bert = BertModel(self.config)
+    self.mlm = MaskedLMHead(self.config)
+    self.nsp = NextSentenceHead(self.config)
+
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+               masked_lm_positions: Array, *, deterministic: bool = True) -> dict[str, Array]:
+    out = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    masked = gather_positions(out["sequence_output"], masked_lm_positions)
+    return {**out, "mlm_logits": self.mlm(masked, self.bert.attend),
+            "nsp_logits": self.nsp(out["pooled_output"])}
+
+
+class BertForSequenceClassification(nn.Module):
+  """Encoder + classifier on the pooled [CLS] output. Returns {"logits": [B, num_labels]}."""
+
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array, *,
+               deterministic: bool = True) -> dict[str, Array]:
+    out = BertModel(self.config, name="bert")(
+        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    head = ClassifierHead(self.config, self.num_labels, name="classifier")
+    return {"logits": head(out["pooled_output"], deterministic)}
+
+
+class BertForQuestionAnswering(nn.Module):
+  """Encoder + span head. Returns {"start_logits": [B, T], "end_logits": [B, T]}."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array, *,
+               deterministic: bool = True) -> dict[str, Array]:
+    out = BertModel(self.config, name="bert")(
+        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    return SpanHead(self.config, name="span")(out["sequence_output"])

@@ -1,0 +1,198 @@
+"""The BERT encoder in Flax Linen: embeddings, post-LN Transformer layers and the pooler.
+
+Shape letters: B batch, T query positions, S key positions, D hidden, N heads, H head dim, F
+feed-forward width. Parameters are stored in `config.param_dtype`; matmuls run in
+`config.dtype`; softmax and LayerNorm run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.config import BertConfig
+
+Array = jax.Array
+
+
+def dense_init(config: BertConfig) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  """LayerNorm computed and returned in float32 (parameters `scale`, `bias`)."""
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32,
+                      param_dtype=config.params_dtype, name=name)
+
+
+def dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+                  kernel_init=dense_init(config), name=name)
+
+
+def gelu(x: Array) -> Array:
+  """BERT's GELU: the exact erf form, not the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Embeddings(nn.Module):
+  """Word + position + token-type embeddings, then LayerNorm and dropout -> [B, T, D] float32."""
+
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    embed = lambda n, name: nn.Embed(  # noqa: E731
+        n, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        embedding_init=dense_init(cfg), name=name)
+    self.word_embeddings = embed(cfg.vocab_size, "word_embeddings")
+    self.position_embeddings = embed(cfg.max_position_embeddings, "position_embeddings")
+    self.token_type_embeddings = embed(cfg.type_vocab_size, "token_type_embeddings")
+    self.layer_norm = layer_norm(cfg, "layer_norm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = (self.word_embeddings(input_ids).astype(jnp.float32)
+         + self.position_embeddings(positions).astype(jnp.float32)
+         + self.token_type_embeddings(token_type_ids).astype(jnp.float32))
+    return self.dropout(self.layer_norm(x), deterministic=deterministic)
+
+  def attend(self, x: Array) -> Array:
+    """Projects [..., D] onto the word embeddings -> [..., vocab] (the tied MLM decoder)."""
+    return self.word_embeddings.attend(x.astype(self.config.compute_dtype))
+
+
+class Einsum(nn.Module):
+  """A projection written as a named einsum, with a bias: parameters `kernel`, `bias`."""
+
+  config: BertConfig
+  equation: str
+  kernel_shape: tuple[int, ...]
+  bias_shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    kernel = self.param("kernel", dense_init(cfg), self.kernel_shape, cfg.params_dtype)
+    bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.params_dtype)
+    dt = cfg.compute_dtype
+    return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt)) + bias.astype(dt)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head scaled dot-product self-attention with padding masked out.
+
+  Attributes of the call: x [B, T, D]; mask [B, T] (1 = real token, 0 = padding).
+  Returns [B, T, D] in the compute dtype.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    x = x.astype(cfg.compute_dtype)
+    q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
+               for n in ("query", "key", "value"))
+    use_fused = cfg.attention == "dot_product" and (deterministic or cfg.attention_dropout == 0)
+    if use_fused:
+      ctx = jax.nn.dot_product_attention(
+          q, k, v, mask=mask[:, None, None, :].astype(bool), scale=H**-0.5)
+    else:
+      scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
+      big_neg = jnp.finfo(jnp.float32).min
+      scores = jnp.where(mask[:, None, None, :].astype(bool), scores, big_neg)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+      probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+      ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return Einsum(cfg, "BTNH,NHD->BTD", (N, H, D), (D,), name="output")(ctx)
+
+
+class FeedForward(nn.Module):
+  """Dense(F) -> GELU -> Dense(D): [B, T, D] -> [B, T, D]."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    h = gelu(dense(cfg, cfg.intermediate_size, "intermediate")(x))
+    return dense(cfg, cfg.hidden_size, "output")(h)
+
+
+class EncoderLayer(nn.Module):
+  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). [B, T, D] float32."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    drop = nn.Dropout(cfg.hidden_dropout)
+    h = SelfAttention(cfg, name="attention")(x, mask, deterministic)
+    x = layer_norm(cfg, "attention_layer_norm")(x + drop(h, deterministic=deterministic))
+    h = FeedForward(cfg, name="ffn")(x)
+    return layer_norm(cfg, "ffn_layer_norm")(x + drop(h, deterministic=deterministic))
+
+
+class Encoder(nn.Module):
+  """`num_layers` EncoderLayers, optionally rematerialised: [B, T, D] -> [B, T, D]."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    layer_cls = EncoderLayer
+    if self.config.remat:
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
+    for i in range(self.config.num_layers):
+      x = layer_cls(self.config, name=f"layer_{i}")(x, mask, deterministic)
+    return x
+
+
+class Pooler(nn.Module):
+  """tanh(Dense(x[:, 0])): the [CLS] summary, [B, T, D] -> [B, D]."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return jnp.tanh(dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+
+
+class BertModel(nn.Module):
+  """The BERT encoder with its pooler.
+
+  Call with input_ids [B, T] int, token_type_ids [B, T] (default zeros), attention_mask [B, T]
+  (1 = real, default all ones). Returns {"sequence_output": [B, T, D], "pooled_output": [B, D]},
+  float32.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.config)
+    self.encoder = Encoder(self.config)
+    self.pooler = Pooler(self.config)
+
+  def __call__(self, input_ids: Array, token_type_ids: Array | None = None,
+               attention_mask: Array | None = None, *,
+               deterministic: bool = True) -> dict[str, Array]:
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    x = self.encoder(x, attention_mask, deterministic).astype(jnp.float32)
+    return {"sequence_output": x, "pooled_output": self.pooler(x).astype(jnp.float32)}
+
+  def attend(self, x: Array) -> Array:
+    return self.embeddings.attend(x)
+
+
+Decoder = Callable[[Array], Array]

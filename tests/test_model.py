@@ -1,0 +1,122 @@
+"""The encoder and heads: shapes, parameter counts, masking, dtypes, attention implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax.config import BertConfig, get_variant
+from bert_jax.heads import (BertForPreTraining, BertForQuestionAnswering,
+                            BertForSequenceClassification)
+from bert_jax.model import BertModel
+
+TINY = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+                  max_position_embeddings=64)
+
+
+def _batch(b=3, t=11, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, 99, (b, t)).astype(np.int32)
+  types = (np.arange(t)[None] >= t // 2).astype(np.int32).repeat(b, 0)
+  mask = np.ones((b, t), np.int32)
+  mask[1, 7:] = 0
+  mask[2, 4:] = 0
+  return ids, types, mask
+
+
+def _count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def test_base_parameter_count():
+  shapes = jax.eval_shape(lambda: BertModel(get_variant("base")).init(
+      jax.random.key(0), jnp.ones((1, 8), jnp.int32)))
+  assert _count(shapes) == 109_482_240
+
+
+def test_variants_have_published_sizes():
+  large = get_variant("large")
+  assert (large.num_layers, large.hidden_size, large.num_heads, large.intermediate_size) == (
+      24, 1024, 16, 4096)
+  assert get_variant("tiny").num_layers == 2
+  with pytest.raises(ValueError, match="unknown model variant 'huge'"):
+    get_variant("huge")
+  with pytest.raises(ValueError, match="not divisible"):
+    BertConfig(hidden_size=30, num_heads=4)
+
+
+def test_config_json_round_trip():
+  cfg = TINY.replace(dtype="bfloat16")
+  assert BertConfig.from_json(cfg.to_json()) == cfg
+  with pytest.raises(ValueError, match="unknown fields"):
+    BertConfig.from_dict({**cfg.to_dict(), "hidden_act": "gelu"})
+
+
+def test_padding_does_not_change_real_tokens():
+  ids, types, mask = _batch()
+  model = BertModel(TINY)
+  params = model.init(jax.random.key(0), ids, types, mask)
+  out = model.apply(params, ids, types, mask)
+  # Change what sits in the padding: outputs at real positions must not move.
+  ids2 = np.where(mask == 1, ids, 5)
+  out2 = model.apply(params, ids2, types, mask)
+  for b in range(3):
+    n = int(mask[b].sum())
+    np.testing.assert_allclose(out["sequence_output"][b, :n], out2["sequence_output"][b, :n],
+                               atol=1e-6)
+  np.testing.assert_allclose(out["pooled_output"], out2["pooled_output"], atol=1e-6)
+  # ...and a padded row equals the same row run alone without padding.
+  alone = model.apply(params, ids[1:2, :7], types[1:2, :7], mask[1:2, :7])
+  np.testing.assert_allclose(out["sequence_output"][1, :7], alone["sequence_output"][0],
+                             atol=1e-5)
+
+
+def test_fused_attention_matches_einsum():
+  ids, types, mask = _batch()
+  model = BertModel(TINY)
+  params = model.init(jax.random.key(0), ids, types, mask)
+  a = model.apply(params, ids, types, mask)
+  b = BertModel(TINY.replace(attention="dot_product")).apply(params, ids, types, mask)
+  np.testing.assert_allclose(a["sequence_output"], b["sequence_output"], atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  ids, types, mask = _batch()
+  model = BertForPreTraining(TINY)
+  pos = np.array([[1, 2, 3]] * 3, np.int32)
+  params = model.init(jax.random.key(0), ids, types, mask, pos)
+  f32 = model.apply(params, ids, types, mask, pos)
+  bf16 = BertForPreTraining(TINY.replace(dtype="bfloat16")).apply(params, ids, types, mask, pos)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: x.dtype == jnp.float32, bf16))
+  # bf16 has an 8-bit mantissa: after 2 layers outputs agree to ~2e-2 (LayerNorm keeps scale ~1).
+  for key in ("sequence_output", "mlm_logits", "nsp_logits"):
+    np.testing.assert_allclose(f32[key], bf16[key], atol=5e-2)
+
+
+def test_remat_gives_the_same_gradients():
+  ids, types, mask = _batch()
+  pos = np.array([[1, 2, 3]] * 3, np.int32)
+  params = BertForPreTraining(TINY).init(jax.random.key(0), ids, types, mask, pos)["params"]
+
+  def grads(cfg):
+    def loss(p):
+      out = BertForPreTraining(cfg).apply({"params": p}, ids, types, mask, pos,
+                                          deterministic=False,
+                                          rngs={"dropout": jax.random.key(3)})
+      return out["mlm_logits"].sum() + out["nsp_logits"].sum()
+    return jax.grad(loss)(params)
+
+  g1, g2 = grads(TINY), grads(TINY.replace(remat=True))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+
+def test_task_models_share_the_encoder_tree():
+  ids, types, mask = _batch()
+  cls = BertForSequenceClassification(TINY, num_labels=3)
+  qa = BertForQuestionAnswering(TINY)
+  pc = cls.init(jax.random.key(0), ids, types, mask)["params"]
+  pq = qa.init(jax.random.key(0), ids, types, mask)["params"]
+  assert jax.tree_util.tree_structure(pc["bert"]) == jax.tree_util.tree_structure(pq["bert"])
+  assert cls.apply({"params": pc}, ids, types, mask)["logits"].shape == (3, 3)
+  out = qa.apply({"params": pq}, ids, types, mask)
+  assert out["start_logits"].shape == out["end_logits"].shape == (3, 11)
