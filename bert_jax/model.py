@@ -7,7 +7,7 @@ feed-forward width. Parameters are stored in `config.param_dtype`; matmuls run i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from bert_jax.config import BertConfig, get_variant
-from bert_jax.heads import (BertForPreTraining, BertForQuestionAnswering,
-                            BertForSequenceClassification)
+from bert_jax.heads import (
+  BertForPreTraining,
+  BertForQuestionAnswering,
+  BertForSequenceClassification,
+)
 from bert_jax.model import BertModel
 
 TINY = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,

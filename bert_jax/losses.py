@@ -1,0 +1,51 @@
+"""Weighted cross-entropies and accuracies: pure functions returning sums and counts, so that
+callers can divide by totals over several devices or micro-batches exactly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy_sum(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  """logits [..., C], labels [...] int, weights [...] -> (sum of w * -log p(label), sum of w)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def accuracy_sum(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  """-> (sum of w * [argmax == label], sum of w)."""
+  weights = weights.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def pretraining_sums(outputs: dict[str, Array], batch: dict[str, Array]) -> dict[str, Array]:
+  """Loss and accuracy sums of masked-LM and next-sentence prediction for one (micro-)batch.
+
+  outputs: mlm_logits [B, P, V], nsp_logits [B, 2]; batch: masked_lm_ids [B, P],
+  masked_lm_weights [B, P], next_sentence_labels [B]. Returns sums; `*_count` are weights.
+  """
+  mlm_w = batch["masked_lm_weights"]
+  nsp_labels = batch["next_sentence_labels"]
+  nsp_w = jnp.ones(nsp_labels.shape, jnp.float32)
+  mlm_loss, mlm_count = cross_entropy_sum(outputs["mlm_logits"], batch["masked_lm_ids"], mlm_w)
+  nsp_loss, nsp_count = cross_entropy_sum(outputs["nsp_logits"], nsp_labels, nsp_w)
+  mlm_correct, _ = accuracy_sum(outputs["mlm_logits"], batch["masked_lm_ids"], mlm_w)
+  nsp_correct, _ = accuracy_sum(outputs["nsp_logits"], nsp_labels, nsp_w)
+  return {"mlm_loss": mlm_loss, "mlm_count": mlm_count, "mlm_correct": mlm_correct,
+          "nsp_loss": nsp_loss, "nsp_count": nsp_count, "nsp_correct": nsp_correct}
+
+
+def pretraining_metrics(sums: dict[str, Array]) -> dict[str, Array]:
+  """Means from `pretraining_sums` (summed over any number of batches)."""
+  mlm_n = jnp.maximum(sums["mlm_count"], 1.0)
+  nsp_n = jnp.maximum(sums["nsp_count"], 1.0)
+  mlm_loss, nsp_loss = sums["mlm_loss"] / mlm_n, sums["nsp_loss"] / nsp_n
+  return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+          "mlm_accuracy": sums["mlm_correct"] / mlm_n,
+          "nsp_accuracy": sums["nsp_correct"] / nsp_n}
