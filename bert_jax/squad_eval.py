@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bert_jax.data.errors import DataError
 from bert_jax.data.squad import load_json
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -179,6 +180,8 @@ def evaluate(dataset_json: dict, predictions: dict[str, str],
   """Scores a whole SQuAD JSON ({"version", "data"}) with the v1.1 or v2.0 rules it calls for."""
   if is_v2(dataset_json):
     return evaluate_v2(dataset_json["data"], predictions, na_probs, na_prob_thresh)
+  if na_probs is not None:
+    raise ValueError("no-answer probabilities apply to SQuAD v2.0 only; this is a v1.x file")
   return evaluate_v1(dataset_json["data"], predictions)
 
 
@@ -216,11 +219,13 @@ def _spans(f: int, start: np.ndarray, end: np.ndarray, offsets: np.ndarray,
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
+  """Probabilities of the n-best entries from their start + end scores."""
   if not scores:
     return []
   m = max(scores)
   exps = [math.exp(s - m) for s in scores]
-  return [x / sum(exps) for x in exps]
+  total = sum(exps)
+  return [x / total for x in exps]
 
 
 def _nbest(cands: list[_Candidate], null: _Candidate | None, context: str,
@@ -303,9 +308,22 @@ def decode(examples: Sequence[HasContext], meta: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------- command line
 
 
+def _load_mapping(path: str, value_type) -> dict:
+  """A JSON object {question id: value} from `path`, checked."""
+  obj = load_json(path)
+  if not isinstance(obj, dict):
+    raise DataError(f"{path}: expected a JSON object {{question id: ...}}, got "
+                    f"{type(obj).__name__}")
+  bad = next((k for k, v in obj.items() if not isinstance(v, value_type)), None)
+  if bad is not None:
+    raise DataError(f"{path}: the value for {bad!r} is {obj[bad]!r}, not a "
+                    f"{'string' if value_type is str else 'number'}")
+  return obj
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.squad_eval", description=__doc__.split(
-      "\n")[0])
+  p = argparse.ArgumentParser(prog="python -m bert_jax.squad_eval",
+                              description="Official SQuAD v1.1 / v2.0 scores, printed as JSON.")
   p.add_argument("data_file", help="SQuAD JSON (v1.1 or v2.0, detected)")
   p.add_argument("pred_file", help="predictions JSON {question id: answer text}")
   p.add_argument("--na-prob-file", help="v2.0: JSON {question id: no-answer probability}")
@@ -313,8 +331,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help="v2.0: predict no answer when the probability exceeds this")
   args = p.parse_args(argv)
   dataset = load_json(args.data_file)
-  preds = load_json(args.pred_file)
-  na_probs = load_json(args.na_prob_file) if args.na_prob_file else None
+  if not isinstance(dataset, dict) or not isinstance(dataset.get("data"), list):
+    raise DataError(f"{args.data_file}: not a SQuAD file (expected an object with a 'data' list)")
+  preds = _load_mapping(args.pred_file, str)
+  na_probs = _load_mapping(args.na_prob_file, (int, float)) if args.na_prob_file else None
   result = evaluate(dataset, preds, na_probs, args.na_prob_thresh)
   print(json.dumps(result, indent=2))
   return result

@@ -204,3 +204,14 @@ def test_decode_v2_null_and_threshold():
 
 def test_best_indexes_ties_keep_position_order():
   assert squad_eval.best_indexes(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
+
+
+def test_cli_checks_prediction_values(tmp_path):
+  data = tmp_path / "data.json"
+  data.write_text(json.dumps(_dataset(V2_QAS)))
+  preds = tmp_path / "preds.json"
+  preds.write_text('{"a": ["cat"]}')
+  with pytest.raises(DataError, match=r"preds\.json: the value for 'a' is \['cat'\], not a string"):
+    squad_eval.main([str(data), str(preds)])
+  with pytest.raises(ValueError, match="v2.0 only"):
+    squad_eval.evaluate(_dataset(V2_QAS[:2], "1.1"), {"a": ""}, {"a": 0.5})
