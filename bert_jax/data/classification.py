@@ -67,9 +67,12 @@ def _rows(path: pathlib.Path, fmt: str) -> Iterator[tuple[int, Any]]:
       reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
       reader = csv.reader(f)
-    for row in reader:
-      if any(cell.strip() for cell in row):
-        yield reader.line_num, row
+    try:
+      for row in reader:
+        if any(cell.strip() for cell in row):
+          yield reader.line_num, row
+    except csv.Error as e:
+      raise DataError(f"{path}:{reader.line_num}: {e}") from e
 
 
 def _json_row(path: pathlib.Path, n: int, line: str) -> dict:

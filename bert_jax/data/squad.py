@@ -35,7 +35,7 @@ class Answer:
 
   text: str
   start: int
-  given_start: int  # the file's answer_start, when it differs from `start`
+  given_start: int  # the file's answer_start (-1 there means unknown)
 
 
 @dataclasses.dataclass(frozen=True)
