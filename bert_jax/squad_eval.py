@@ -204,18 +204,15 @@ def best_indexes(logits: np.ndarray, n: int) -> np.ndarray:
 def _spans(f: int, start: np.ndarray, end: np.ndarray, offsets: np.ndarray,
            max_context: np.ndarray, n_best_size: int, max_answer_length: int
            ) -> list[_Candidate]:
-  """Valid spans of one window: both ends in the passage, the start in its max-context window,
-  start <= end, at most `max_answer_length` tokens."""
-  out = []
-  for s in best_indexes(start, n_best_size):
-    if offsets[s, 0] < 0 or not max_context[s]:
-      continue
-    for e in best_indexes(end, n_best_size):
-      if offsets[e, 0] < 0 or e < s or e - s + 1 > max_answer_length:
-        continue
-      sl, el = float(start[s]), float(end[e])
-      out.append(_Candidate(sl + el, f, int(s), int(e), sl, el))
-  return out
+  """Valid spans of window `f` among its n best starts x n best ends (in that loop order): both
+  ends in the passage, the start in its max-context window, start <= end, at most
+  `max_answer_length` tokens. start, end: [T] logits; offsets [T, 2]; max_context [T]."""
+  s, e = np.meshgrid(best_indexes(start, n_best_size), best_indexes(end, n_best_size),
+                     indexing="ij")
+  ok = ((offsets[s, 0] >= 0) & max_context[s] & (offsets[e, 0] >= 0) & (e >= s)
+        & (e - s + 1 <= max_answer_length))
+  return [_Candidate(float(start[a]) + float(end[b]), f, int(a), int(b), float(start[a]),
+                     float(end[b])) for a, b in zip(s[ok], e[ok], strict=True)]
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
