@@ -1,0 +1,51 @@
+"""BERT in JAX/Flax: pretraining, fine-tuning, Hugging Face weights in and out.
+
+    config, params = bert_jax.load_hf("path/to/bert-base-uncased")
+    out = bert_jax.encode(config, params, input_ids, token_type_ids, attention_mask)
+
+Importing the package is light: jax, flax and the converter load on first use, never torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  from bert_jax.config import BertConfig
+
+__all__ = ["encode", "load_hf"]
+
+
+def __getattr__(name: str) -> Any:
+  if name == "load_hf":
+    from bert_jax.convert import load_hf
+    return load_hf
+  raise AttributeError(f"module 'bert_jax' has no attribute {name!r}")
+
+
+@functools.cache
+def _encoder(config: BertConfig):
+  import jax
+
+  from bert_jax.model import BertModel
+  model = BertModel(config)
+  return jax.jit(lambda params, ids, types, mask: model.apply(
+      {"params": params}, ids, types, mask, deterministic=True))
+
+
+def encode(config: BertConfig, params: Any, input_ids: Any, token_type_ids: Any = None,
+           attention_mask: Any = None) -> dict[str, Any]:
+  """Runs the encoder for inference (no dropout), compiled once per config and input shape.
+
+  params: the full tree ({"bert": ...}, as load_hf and checkpoints hold it) or the encoder tree.
+  input_ids, token_type_ids (default zeros), attention_mask (1 = real token, default ones):
+  [batch, seq] ints, seq <= config.max_position_embeddings.
+  Returns {"sequence_output": [batch, seq, hidden], "pooled_output": [batch, hidden]}, float32.
+  """
+  shape = getattr(input_ids, "shape", None)
+  if shape is None or len(shape) != 2 or shape[1] > config.max_position_embeddings:
+    raise ValueError(f"encode: input_ids must be [batch, seq] with seq <= "
+                     f"{config.max_position_embeddings}, got shape {shape}")
+  encoder = params["bert"] if "bert" in params else params
+  return _encoder(config)(encoder, input_ids, token_type_ids, attention_mask)

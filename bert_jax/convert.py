@@ -1,0 +1,502 @@
+"""Hugging Face BERT checkpoints in and out.
+
+  python -m bert_jax.convert from-hf HF_DIR OUT_DIR   # HF BERT -> bert_jax model export
+  python -m bert_jax.convert to-hf CKPT_DIR OUT_DIR   # bert_jax model -> HF BertForPreTraining
+
+A Hugging Face directory holds config.json and model.safetensors (or pytorch_model.bin, read with
+torch). Its tensors are named as in `transformers.BertForPreTraining` (`bert.encoder.layer.0...`,
+`cls.predictions...`, `cls.seq_relationship...`); a bare `BertModel` save drops the `bert.` prefix
+and the heads, and old checkpoints call the LayerNorm parameters `gamma`/`beta`. torch Linear
+weights are [out, in]; our kernels are [in, out], with the attention projections split by head:
+query/key/value [D, N, H], output [N, H, D].
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from bert_jax.config import BertConfig
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+# The files a Hugging Face or bert_jax directory may keep its tokenizer in, in order of preference.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.model")
+
+# Hugging Face config.json field -> BertConfig field.
+_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+    "layer_norm_eps": "layer_norm_eps",
+    "initializer_range": "initializer_range",
+}
+
+# Groups of parameters a source may lack entirely: they are then initialised fresh.
+_OPTIONAL = {
+    ("bert", "pooler"): "pooler (bert.pooler.*)",
+    ("mlm",): "masked-LM head (cls.predictions.*)",
+    ("nsp",): "next-sentence head (cls.seq_relationship.*)",
+}
+
+
+class ConversionError(ValueError):
+  """Weights or a config that do not fit the BERT model they are meant for."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> BertConfig:
+  """The BertConfig of a Hugging Face BERT config.json; refuses what our model cannot run."""
+  refusals = {"model_type": ("bert",), "hidden_act": ("gelu",),
+              "position_embedding_type": ("absolute",)}
+  for field, allowed in refusals.items():
+    if field in hf and hf[field] not in allowed:
+      raise ConversionError(f"{source}: {field} is {hf[field]!r} but bert_jax implements only "
+                            f"{' / '.join(map(repr, allowed))} (exact erf GELU, learned absolute "
+                            "positions)")
+  try:
+    return BertConfig(**{ours: hf[name] for name, ours in _CONFIG_FIELDS.items() if name in hf})
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"{source}: {e}") from None
+
+
+def config_to_hf(config: BertConfig) -> dict[str, Any]:
+  """A config.json that `transformers.BertForPreTraining.from_pretrained` reads."""
+  return {"architectures": ["BertForPreTraining"], "model_type": "bert",
+          **{name: getattr(config, ours) for name, ours in _CONFIG_FIELDS.items()},
+          "hidden_act": "gelu", "position_embedding_type": "absolute", "pad_token_id": 0,
+          "tie_word_embeddings": True, "dtype": "float32"}
+
+
+# ----------------------------------------------------------------------------- the name table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """How a torch tensor becomes our parameter (`to_ours`) and back (`to_hf`)."""
+
+  to_ours: Callable[[Any, BertConfig], Any]
+  to_hf: Callable[[Any, BertConfig], Any]
+
+
+_COPY = _Kind(lambda x, c: x, lambda x, c: x)
+_LINEAR = _Kind(lambda x, c: x.T, lambda x, c: x.T)  # [out, in] <-> [in, out]
+_HEADS_IN = _Kind(  # [N*H, D] <-> [D, N, H]
+    lambda x, c: x.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
+    lambda x, c: x.reshape(c.hidden_size, -1).T)
+_HEADS_IN_BIAS = _Kind(lambda x, c: x.reshape(c.num_heads, c.head_dim),
+                       lambda x, c: x.reshape(-1))
+_HEADS_OUT = _Kind(  # [D, N*H] <-> [N, H, D]
+    lambda x, c: x.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+    lambda x, c: x.reshape(-1, c.hidden_size).T)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  hf: str  # the tensor's name in a BertForPreTraining state dict
+  path: tuple[str, ...]  # its place in our BertForPreTraining params tree
+  kind: _Kind
+
+
+def _linear(hf: str, path: tuple[str, ...], w: _Kind = _LINEAR, b: _Kind = _COPY) -> list[_Row]:
+  return [_Row(f"{hf}.weight", (*path, "kernel"), w), _Row(f"{hf}.bias", (*path, "bias"), b)]
+
+
+def _norm(hf: str, path: tuple[str, ...]) -> list[_Row]:
+  return [_Row(f"{hf}.weight", (*path, "scale"), _COPY), _Row(f"{hf}.bias", (*path, "bias"), _COPY)]
+
+
+def _table(config: BertConfig) -> list[_Row]:
+  """Every parameter of BertForPreTraining: HF name, our path, conversion."""
+  rows = [_Row(f"bert.embeddings.{n}.weight", ("bert", "embeddings", n, "embedding"), _COPY)
+          for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+  rows += _norm("bert.embeddings.LayerNorm", ("bert", "embeddings", "layer_norm"))
+  for i in range(config.num_layers):
+    hf, ours = f"bert.encoder.layer.{i}", ("bert", "encoder", f"layer_{i}")
+    for n in ("query", "key", "value"):
+      rows += _linear(f"{hf}.attention.self.{n}", (*ours, "attention", n), _HEADS_IN,
+                      _HEADS_IN_BIAS)
+    rows += _linear(f"{hf}.attention.output.dense", (*ours, "attention", "output"), _HEADS_OUT)
+    rows += _norm(f"{hf}.attention.output.LayerNorm", (*ours, "attention_layer_norm"))
+    rows += _linear(f"{hf}.intermediate.dense", (*ours, "ffn", "intermediate"))
+    rows += _linear(f"{hf}.output.dense", (*ours, "ffn", "output"))
+    rows += _norm(f"{hf}.output.LayerNorm", (*ours, "ffn_layer_norm"))
+  rows += _linear("bert.pooler.dense", ("bert", "pooler", "dense"))
+  rows += _linear("cls.predictions.transform.dense", ("mlm", "transform"))
+  rows += _norm("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
+  rows.append(_Row("cls.predictions.bias", ("mlm", "output_bias"), _COPY))
+  rows += _linear("cls.seq_relationship", ("nsp", "dense"))
+  return rows
+
+
+def _group(path: tuple[str, ...]) -> tuple[str, ...] | None:
+  """The optional group a parameter belongs to; None for the (required) encoder."""
+  return next((g for g in _OPTIONAL if path[:len(g)] == g), None)
+
+
+@functools.cache
+def _hf_shape(kind: _Kind, shape: tuple[int, ...], config: BertConfig) -> tuple[int, ...]:
+  return jax.eval_shape(lambda x: kind.to_hf(x, config),
+                        jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def abstract_params(config: BertConfig) -> Params:
+  """Shapes of our full BertForPreTraining params tree for `config` (nothing is allocated)."""
+  from bert_jax.heads import BertForPreTraining
+  ids = jnp.zeros((1, 1), jnp.int32)
+  init = lambda: BertForPreTraining(config).init(jax.random.key(0), ids, ids, ids, ids)
+  return jax.eval_shape(init)["params"]
+
+
+def _mismatches(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str],
+                most: int = 12) -> str:
+  """'missing (2): a, b; wrong shape (1): c expected (..) found (..)', or '' when all fit."""
+  parts = []
+  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    if items:
+      more = f" ... and {len(items) - most} more" if len(items) > most else ""
+      parts.append(f"{title} ({len(items)}): {', '.join(items[:most])}{more}")
+  return "; ".join(parts)
+
+
+def _fresh(config: BertConfig, group: tuple[str, ...], seed: int = 0) -> Params:
+  """Freshly initialised parameters of one optional group, as our model would init them."""
+  from bert_jax.heads import MaskedLMHead, NextSentenceHead
+  from bert_jax.model import Pooler
+  key = jax.random.fold_in(jax.random.key(seed), list(_OPTIONAL).index(group))
+  D = config.hidden_size
+  x = jnp.zeros((1, 1, D), jnp.float32)
+  if group == ("mlm",):
+    decode = lambda h: h @ jnp.zeros((D, config.vocab_size), h.dtype)
+    tree = MaskedLMHead(config).init(key, x, decode)["params"]
+  elif group == ("nsp",):
+    tree = NextSentenceHead(config).init(key, x[:, 0])["params"]
+  else:
+    tree = Pooler(config).init(key, x)["params"]
+  return {(*group, *path): np.asarray(v) for path, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _fill_absent_groups(config: BertConfig, flat: dict, source: str) -> dict:
+  """Adds fresh parameters for every optional group `flat` lacks entirely, with a warning."""
+  absent = [g for g in _OPTIONAL if not any(p[:len(g)] == g for p in flat)]
+  if absent:
+    log.warning("%s has no weights for the %s: initialised fresh", source,
+                ", ".join(_OPTIONAL[g] for g in absent))
+  for g in absent:
+    flat = {**flat, **_fresh(config, g)}
+  return flat
+
+
+def complete_params(config: BertConfig, params: Mapping[str, Any], source: str = "the params"
+                    ) -> Params:
+  """The full BertForPreTraining tree from `params` (full, {"bert": ...} or a bare encoder):
+  the heads and pooler it lacks are initialised fresh, with a warning naming them."""
+  tree = params if "bert" in params else {"bert": params}
+  flat = _fill_absent_groups(config, traverse_util.flatten_dict(tree), source)
+  return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- check_params
+
+
+def _dimensions(config: BertConfig, encoder: Mapping[str, Any]) -> list[str]:
+  """'vocab size: the model config says A but the weights have B' for each dimension that
+  differs between `config` and an encoder params tree."""
+  flat = {p: np.shape(v) for p, v in traverse_util.flatten_dict(encoder, sep="/").items()}
+  shape = lambda p: flat.get(p, ())
+  word = shape("embeddings/word_embeddings/embedding")
+  query = shape("encoder/layer_0/attention/query/kernel")
+  found = {
+      "vocab size": (config.vocab_size, word[:1]),
+      "hidden size": (config.hidden_size, word[1:2]),
+      "max positions": (config.max_position_embeddings,
+                        shape("embeddings/position_embeddings/embedding")[:1]),
+      "token types": (config.type_vocab_size,
+                      shape("embeddings/token_type_embeddings/embedding")[:1]),
+      "layer count": (config.num_layers,
+                      (len({p.split("/")[1] for p in flat if p.startswith("encoder/layer_")}),)),
+      "attention heads": (config.num_heads, query[1:2] if len(query) == 3 else ()),
+      "intermediate size": (config.intermediate_size,
+                            shape("encoder/layer_0/ffn/intermediate/kernel")[1:2]),
+  }
+  return [f"{name}: the model config says {want} but the weights have {got[0]}"
+          for name, (want, got) in found.items() if got and got[0] != want]
+
+
+def check_params(config: BertConfig, params: Mapping[str, Any]) -> None:
+  """Raises ConversionError unless `params` fits our model for `config`.
+
+  `params` is the full BertForPreTraining tree ({"bert", "mlm", "nsp"}), the encoder under
+  "bert" alone, or a bare encoder tree. Disagreeing dimensions are named with both values;
+  otherwise missing, unexpected and mis-shaped paths are listed.
+  """
+  tree = params if "bert" in params else {"bert": params}
+  problems = _dimensions(config, tree["bert"])
+  if problems:
+    raise ConversionError("the weights do not fit the model config: " + "; ".join(problems))
+  expected = {k: v for k, v in abstract_params(config).items() if k == "bert" or k in tree}
+  want = {p: v.shape for p, v in traverse_util.flatten_dict(expected, sep="/").items()}
+  got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(tree, sep="/").items()}
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  shapes = [f"{p} expected {want[p]} found {got[p]}" for p in sorted(set(want) & set(got))
+            if want[p] != got[p]]
+  report = _mismatches(missing, unexpected, shapes)
+  if report:
+    raise ConversionError(f"the weights do not fit the model config: {report}")
+
+
+# ----------------------------------------------------------------------------- reading HF
+
+
+def _is_buffer(name: str) -> bool:
+  return name.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))
+
+
+def _read_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  tensors = {}
+  for file in files:
+    with safe_open(file, framework="flax") as f:  # "flax" also reads bfloat16
+      tensors.update({k: np.asarray(f.get_tensor(k), np.float32)
+                      for k in f.keys() if not _is_buffer(k)})
+  return tensors
+
+
+def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(f"{file}: reading pytorch_model.bin needs torch, which is not "
+                          "installed (pip install torch, or save the model as safetensors)"
+                          ) from None
+  state = torch.load(file, map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() for k, v in state.items() if not _is_buffer(k)}
+
+
+def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
+  if (path / "model.safetensors").is_file():
+    return _read_safetensors([path / "model.safetensors"])
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return _read_safetensors([path / s for s in shards])
+  if (path / "pytorch_model.bin").is_file():
+    return _read_torch(path / "pytorch_model.bin")
+  raise ConversionError(f"{path}: no weights (expected model.safetensors, "
+                        "model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _canonical_name(name: str) -> str:
+  """The BertForPreTraining name of a tensor saved under any accepted layout."""
+  if name.endswith("LayerNorm.gamma"):
+    name = name[:-len("gamma")] + "weight"
+  elif name.endswith("LayerNorm.beta"):
+    name = name[:-len("beta")] + "bias"
+  if name.startswith(("embeddings.", "encoder.", "pooler.")):
+    name = "bert." + name
+  return name
+
+
+def _untie(tensors: dict[str, np.ndarray], source: str) -> None:
+  """Drops the tied decoder copies (our decoder is the word embedding plus one bias)."""
+  pairs = (("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+           ("cls.predictions.decoder.bias", "cls.predictions.bias"))
+  for copy, main in pairs:
+    if copy not in tensors:
+      continue
+    value = tensors.pop(copy)
+    if main not in tensors:
+      tensors[main] = value
+    elif value.shape != tensors[main].shape or not np.array_equal(value, tensors[main]):
+      log.warning("%s: %s differs from %s; bert_jax ties the two and uses %s", source, copy,
+                  main, main)
+
+
+def _canonical_tensors(raw: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  tensors: dict[str, np.ndarray] = {}
+  for name, value in raw.items():
+    canonical = _canonical_name(name)
+    if canonical in tensors:
+      raise ConversionError(f"{source}: holds {canonical} twice (under two names)")
+    tensors[canonical] = value
+  _untie(tensors, source)
+  return tensors
+
+
+def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: str) -> Params:
+  """Our BertForPreTraining tree from a Hugging Face state dict (numpy arrays)."""
+  tensors = _canonical_tensors(raw, source)
+  abstract = traverse_util.flatten_dict(abstract_params(config))
+  rows = _table(config)
+  present = {g for g in _OPTIONAL for r in rows if _group(r.path) == g and r.hf in tensors}
+  flat, missing, shapes = {}, [], []
+  for row in rows:
+    group = _group(row.path)
+    if row.hf not in tensors:
+      if group is None or group in present:
+        missing.append(row.hf)
+      continue
+    want = _hf_shape(row.kind, abstract[row.path].shape, config)
+    if tensors[row.hf].shape != want:
+      shapes.append(f"{row.hf} expected {want} found {tensors[row.hf].shape}")
+      continue
+    flat[row.path] = np.asarray(row.kind.to_ours(tensors[row.hf], config), np.float32)
+  unexpected = sorted(set(tensors) - {r.hf for r in rows})
+  report = _mismatches(missing, unexpected, shapes)
+  if report:
+    raise ConversionError(f"{source}: the weights do not match its config.json: {report}")
+  return traverse_util.unflatten_dict(_fill_absent_groups(config, flat, source))
+
+
+def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
+  """(config, params) from a Hugging Face BERT directory.
+
+  params is our full BertForPreTraining tree {"bert", "mlm", "nsp"} of float32 numpy arrays;
+  heads (and the pooler) the source lacks are initialised fresh, with a warning naming them.
+  """
+  path = pathlib.Path(path)
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
+  try:
+    hf = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{config_file}: not valid JSON ({e})") from None
+  config = config_from_hf(hf, str(config_file))
+  return config, params_from_hf(config, _read_weights(path), str(path))
+
+
+# ----------------------------------------------------------------------------- writing HF
+
+
+def _hf_tensors(config: BertConfig, flat: Mapping[tuple[str, ...], Any]
+                ) -> dict[str, np.ndarray]:
+  """A BertForPreTraining state dict (float32 numpy) from our full, checked, flattened tree."""
+  to_hf = lambda row: row.kind.to_hf(np.asarray(flat[row.path], np.float32), config)
+  tensors = {row.hf: np.ascontiguousarray(to_hf(row)) for row in _table(config)}
+  tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].copy()
+  return tensors
+
+
+@contextlib.contextmanager
+def _replacing(directory: pathlib.Path) -> Iterator[pathlib.Path]:
+  """Yields a temporary sibling of `directory` to write into, then swaps it in; an exception
+  leaves an existing `directory` untouched."""
+  directory = directory.absolute()
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    yield tmp
+    if directory.exists():
+      old = directory.with_name(directory.name + ".old")
+      shutil.rmtree(old, ignore_errors=True)
+      directory.rename(old)
+      tmp.rename(directory)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.Path,
+          tokenizer_path: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes config.json + model.safetensors (+ the tokenizer file) for
+  `transformers.BertForPreTraining.from_pretrained(out_dir)`, atomically.
+
+  params: our full tree, or the encoder alone (the heads are then written freshly initialised).
+  """
+  from safetensors.numpy import save_file
+  check_params(config, params)
+  tensors = _hf_tensors(config, traverse_util.flatten_dict(complete_params(config, params)))
+  with _replacing(pathlib.Path(out_dir)) as tmp:
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_path is not None:
+      shutil.copy2(tokenizer_path, tmp / pathlib.Path(tokenizer_path).name)
+  return pathlib.Path(out_dir).absolute()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def find_tokenizer_file(directory: pathlib.Path) -> pathlib.Path | None:
+  """The tokenizer file kept in `directory` (or, for a checkpoint step, in its workdir)."""
+  places = [directory]
+  if (directory / "state").is_dir():  # <workdir>/checkpoints/<step>
+    places.append(directory.parent.parent)
+  return next((p / n for p in places for n in TOKENIZER_FILES if (p / n).is_file()), None)
+
+
+def from_hf_command(hf_dir: str, out_dir: str) -> None:
+  from bert_jax import checkpoint
+  config, params = load_hf(hf_dir)
+  tokenizer = find_tokenizer_file(pathlib.Path(hf_dir))
+  if tokenizer is None:
+    log.warning("%s has no tokenizer file (%s): fine-tuning will need --config.tokenizer",
+                hf_dir, ", ".join(TOKENIZER_FILES))
+  checkpoint.save_model(out_dir, config, params, tokenizer)
+  log.info("wrote %s (%d layers, hidden %d, vocab %d)", out_dir, config.num_layers,
+           config.hidden_size, config.vocab_size)
+
+
+def to_hf_command(ckpt_dir: str, out_dir: str) -> None:
+  from bert_jax import checkpoint
+  config, params = checkpoint.load_model(ckpt_dir)
+  dropped = sorted(set(params) - {"bert", "mlm", "nsp"}) if "bert" in params else []
+  if dropped:
+    log.warning("%s: not writing the task head(s) %s (BertForPreTraining has no place for them)",
+                ckpt_dir, ", ".join(dropped))
+    params = {k: v for k, v in params.items() if k not in dropped}
+  to_hf(config, params, out_dir, find_tokenizer_file(pathlib.Path(ckpt_dir)))
+  log.info("wrote %s", out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(prog="python -m bert_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  f = sub.add_parser("from-hf", help="Hugging Face BERT directory -> bert_jax model export")
+  f.add_argument("hf_dir")
+  f.add_argument("out_dir")
+  t = sub.add_parser("to-hf", help="bert_jax model/checkpoint -> Hugging Face BertForPreTraining")
+  t.add_argument("ckpt_dir", help="a model export, a checkpoint step directory or a workdir")
+  t.add_argument("out_dir")
+  args = p.parse_args(argv)
+  if args.command == "from-hf":
+    from_hf_command(args.hf_dir, args.out_dir)
+  else:
+    to_hf_command(args.ckpt_dir, args.out_dir)
+
+
+if __name__ == "__main__":
+  from bert_jax import cli
+  cli.run(main)
