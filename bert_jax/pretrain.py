@@ -208,7 +208,7 @@ def evaluate(s: Setup, config: ml_collections.ConfigDict, eval_fn, params) -> di
   from bert_jax.data.loader import PretrainingLoader
   loader = PretrainingLoader(s.data_dir, split="eval", global_batch_size=config.train.batch_size,
                              seed=0, process_index=jax.process_index(),
-                             process_count=jax.process_count(), shuffle=False)
+                             process_count=jax.process_count(), shuffle=False, num_epochs=1)
   total = None
   for i, batch in enumerate(loader):
     if i >= config.train.eval_batches:

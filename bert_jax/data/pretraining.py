@@ -1,0 +1,586 @@
+"""Raw text -> BERT pretraining instances, following the original BERT data recipe.
+
+Input: UTF-8 text files, one sentence per line, a blank line between documents (a new file also
+starts a new document). Output: a directory of memory-mappable .npy shards plus manifest.json,
+written atomically (a failed run leaves an existing directory untouched):
+
+    python -m bert_jax.data.pretraining --input_files 'corpus/*.txt' --tokenizer tok.model \\
+        --output_dir data/seq128 --max_seq_length 128 --max_predictions_per_seq 20 --dupe_factor 5
+
+The recipe (create_pretraining_data.py of google-research/bert): sentences of a document are packed
+into chunks up to a target length (shorter, drawn uniformly, with probability short_seq_prob); a
+chunk is cut at a random sentence into A and B, and B is replaced by text from a random other
+document half of the time (next_sentence_labels 1 = random); the longer of A and B is truncated
+one token at a time from a random end; [CLS] A [SEP] B [SEP]. Each of dupe_factor passes draws new
+pairs and masks. Masking: 15% of the tokens (rounded, at least 1, at most max_predictions_per_seq)
+are chosen among all but [CLS]/[SEP]; each chosen token becomes [MASK] 80%, a random token 10%,
+itself 10%. Whole-word masking chooses whole words (a word = a token that starts one, WordPiece
+without "##", SentencePiece with "▁", a CJK character or punctuation mark, plus the tokens after
+it that do not). With dynamic masking the instances are stored unmasked and the loader masks them
+afresh each epoch.
+
+Differences from the original, on purpose: a chunk of one sentence is not always paired with a
+random B (which skews the labels towards "random"): when the coin says "true next", the sentence is
+cut at a random token into A and B; random replacement tokens never are special tokens;
+instances are not shuffled on disk (the loader shuffles by seed and epoch); documents are split
+into a train and an eval split before pairing (eval_fraction), so no eval text is trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from bert_jax.data.errors import DataError
+from bert_jax.data.text import check_files, iter_lines
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bert_jax.pretraining/1"
+FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+            "masked_lm_weights", "next_sentence_labels")
+STORED_DTYPES = {"input_ids": np.int32, "input_mask": np.int8, "segment_ids": np.int8,
+                 "masked_lm_positions": np.int32, "masked_lm_ids": np.int32,
+                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32}
+UNMASKED = ("input_ids", "input_mask", "segment_ids", "next_sentence_labels")
+MANIFEST = "manifest.json"
+WORD_STARTS = "word_starts.npy"
+
+
+def default_corpus_path() -> pathlib.Path:
+  """The corpus that ships with the package (Shakespeare, public domain; see corpus/SOURCE.md)."""
+  return pathlib.Path(__file__).resolve().parents[1] / "corpus" / "shakespeare.txt"
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+  """What masking needs to know about the vocabulary, and the masking options."""
+
+  mask_id: int
+  special: np.ndarray       # bool[vocab]: never chosen ([CLS], [SEP], [PAD], ...)
+  word_starts: np.ndarray   # bool[vocab]: begins a word (whole-word masking)
+  normal_ids: np.ndarray    # the ids a random replacement is drawn from
+  masked_lm_prob: float = 0.15
+  max_predictions: int = 20
+  whole_word: bool = False
+
+  @classmethod
+  def create(cls, special_ids: Sequence[int], word_starts: np.ndarray, mask_id: int,
+             **options: Any) -> MaskingSpec:
+    special = np.zeros(len(word_starts), bool)
+    special[list(special_ids)] = True
+    return cls(mask_id, special, np.asarray(word_starts, bool), np.flatnonzero(~special),
+               **options)
+
+
+def mask_tokens(tokens: np.ndarray, spec: MaskingSpec, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Masks one instance ([CLS] A [SEP] B [SEP], no padding): (masked tokens, sorted positions,
+  original ids at those positions)."""
+  n = len(tokens)
+  candidates = np.flatnonzero(~spec.special[tokens])
+  if spec.whole_word and candidates.size:
+    starts = spec.word_starts[tokens[candidates]]
+    # A word continues only over adjacent candidate positions.
+    starts |= np.diff(candidates, prepend=-2) != 1
+    groups = np.split(candidates, np.flatnonzero(starts)[1:])
+  else:
+    groups = [candidates[i:i + 1] for i in range(candidates.size)]
+  order = rng.permutation(len(groups))
+  num_to_predict = min(spec.max_predictions, max(1, int(round(n * spec.masked_lm_prob))))
+  chosen: list[int] = []
+  for g in order:
+    if len(chosen) >= num_to_predict:
+      break
+    if len(chosen) + len(groups[g]) > num_to_predict:
+      continue
+    chosen.extend(groups[g].tolist())
+  positions = np.sort(np.asarray(chosen, np.int64))
+  labels = tokens[positions]
+  out = tokens.copy()
+  u = rng.random((positions.size, 2))
+  replace = np.where(u[:, 0] < 0.8, spec.mask_id,
+                     np.where(u[:, 1] < 0.5, labels,
+                              spec.normal_ids[rng.integers(0, spec.normal_ids.size,
+                                                           positions.size)]))
+  out[positions] = replace
+  return out, positions, labels
+
+
+def pad_instance(tokens: np.ndarray, segments: np.ndarray, is_random_next: bool,
+                 max_seq_length: int) -> dict[str, np.ndarray]:
+  n = len(tokens)
+  f = {"input_ids": np.zeros(max_seq_length, np.int32),
+       "input_mask": np.zeros(max_seq_length, np.int8),
+       "segment_ids": np.zeros(max_seq_length, np.int8),
+       "next_sentence_labels": np.int32(is_random_next)}
+  f["input_ids"][:n], f["input_mask"][:n], f["segment_ids"][:n] = tokens, 1, segments
+  return f
+
+
+def masked_features(input_ids: np.ndarray, length: int, spec: MaskingSpec,
+                    rng: np.random.Generator, pad_id: int) -> dict[str, np.ndarray]:
+  """The masked-LM features of one (padded) instance: input_ids masked and the three targets."""
+  tokens, positions, labels = mask_tokens(np.asarray(input_ids[:length], np.int64), spec, rng)
+  p = spec.max_predictions
+  ids = np.full(len(input_ids), pad_id, np.int32)
+  ids[:length] = tokens
+  f = {"input_ids": ids, "masked_lm_positions": np.zeros(p, np.int32),
+       "masked_lm_ids": np.zeros(p, np.int32), "masked_lm_weights": np.zeros(p, np.float32)}
+  f["masked_lm_positions"][:positions.size] = positions
+  f["masked_lm_ids"][:positions.size] = labels
+  f["masked_lm_weights"][:positions.size] = 1.0
+  return f
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclasses.dataclass
+class Corpus:
+  """Tokenized documents: a flat token array and sentence/document boundaries."""
+
+  tokens: np.ndarray           # int32[total tokens] (memory-mapped)
+  sentence_starts: np.ndarray  # int64[sentences + 1]
+  doc_starts: np.ndarray       # int64[documents + 1], in sentences
+
+  def num_documents(self) -> int:
+    return len(self.doc_starts) - 1
+
+  def document(self, d: int) -> list[np.ndarray]:
+    s0, s1 = self.doc_starts[d], self.doc_starts[d + 1]
+    b = self.sentence_starts[s0:s1 + 1]
+    return [self.tokens[b[i]:b[i + 1]] for i in range(len(b) - 1)]
+
+  def num_sentences(self, d: int) -> int:
+    return int(self.doc_starts[d + 1] - self.doc_starts[d])
+
+
+def _documents(files: Sequence[pathlib.Path]) -> Iterator[list[tuple[str, int, str]]]:
+  """Each document as (file, line, text) of its non-empty lines."""
+  for path in files:
+    doc: list[tuple[str, int, str]] = []
+    for n, line in iter_lines(path):
+      line = line.strip()
+      if line:
+        doc.append((str(path), n, line))
+      elif doc:
+        yield doc
+        doc = []
+    if doc:
+      yield doc
+
+
+def _batches_of_documents(files, max_lines: int = 4096) -> Iterator[list[list[str]]]:
+  batch, lines = [], 0
+  for doc in _documents(files):
+    batch.append([text for _, _, text in doc])
+    lines += len(doc)
+    if lines >= max_lines:
+      yield batch
+      batch, lines = [], 0
+  if batch:
+    yield batch
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_tokenizer_worker(tokenizer_path: str) -> None:
+  from bert_jax import tokenizer
+  _WORKER["tok"] = tokenizer.load(tokenizer_path)
+
+
+def _tokenize_batch(docs: list[list[str]]) -> list[list[np.ndarray]]:
+  tok = _WORKER["tok"]
+  flat = tok.encode_batch([line for doc in docs for line in doc])
+  out, i = [], 0
+  for doc in docs:
+    sents = [np.asarray(ids, np.int32) for ids in flat[i:i + len(doc)]]
+    out.append([s for s in sents if s.size])
+    i += len(doc)
+  return out
+
+
+def _pool(workers: int, initializer, initargs) -> concurrent.futures.Executor:
+  # spawn, not fork: the caller may have started threads (JAX does).
+  return concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+      initargs=initargs)
+
+
+def tokenize_corpus(files: Sequence[pathlib.Path], tokenizer_path: str, out_dir: pathlib.Path,
+                    workers: int) -> Corpus:
+  """Tokenizes every document into out_dir/tokens.bin (on disk, not in memory)."""
+  sentence_lengths: list[int] = []
+  doc_sizes: list[int] = []
+  with open(out_dir / "tokens.bin", "wb") as f:
+    def consume(results):
+      for doc in results:
+        if doc:
+          doc_sizes.append(len(doc))
+          for s in doc:
+            sentence_lengths.append(s.size)
+            f.write(s.tobytes())
+    if workers <= 1:
+      _init_tokenizer_worker(tokenizer_path)
+      for batch in _batches_of_documents(files):
+        consume(_tokenize_batch(batch))
+    else:
+      with _pool(workers, _init_tokenizer_worker, (tokenizer_path,)) as pool:
+        pending: list[concurrent.futures.Future] = []
+        for batch in _batches_of_documents(files):
+          pending.append(pool.submit(_tokenize_batch, batch))
+          if len(pending) >= 2 * workers:
+            consume(pending.pop(0).result())
+        for fut in pending:
+          consume(fut.result())
+  total = int(np.sum(sentence_lengths, dtype=np.int64))
+  if total == 0:
+    raise DataError(f"{', '.join(map(str, files))}: no text (the corpus is empty)")
+  tokens = np.memmap(out_dir / "tokens.bin", np.int32, "r", shape=(total,))
+  return Corpus(tokens, np.concatenate([[0], np.cumsum(sentence_lengths)]).astype(np.int64),
+                np.concatenate([[0], np.cumsum(doc_sizes)]).astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- instances
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+  max_seq_length: int
+  short_seq_prob: float
+  cls_id: int
+  sep_id: int
+  pad_id: int
+  masking: MaskingSpec | None  # None: dynamic masking (stored unmasked)
+
+
+def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: np.random.Generator) -> None:
+  """Truncates the longer of a and b one token at a time, from a random end, in place."""
+  while len(a) + len(b) > max_tokens:
+    longer = a if len(a) > len(b) else b
+    if rng.random() < 0.5:
+      del longer[0]
+    else:
+      longer.pop()
+
+
+def document_instances(corpus: Corpus, docs: np.ndarray, d: int, spec: InstanceSpec,
+                       rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+  """The instances of document `docs[d]`; random next segments come from other `docs`."""
+  document = corpus.document(int(docs[d]))
+  max_tokens = spec.max_seq_length - 3
+  target = max_tokens
+  if rng.random() < spec.short_seq_prob:
+    target = int(rng.integers(2, max_tokens + 1))
+  chunk: list[np.ndarray] = []
+  length, i = 0, 0
+  while i < len(document):
+    chunk.append(document[i])
+    length += len(document[i])
+    if i == len(document) - 1 or length >= target:
+      a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+      a = [t for s in chunk[:a_end] for t in s.tolist()]
+      random_next = rng.random() < 0.5
+      if len(chunk) == 1 and not random_next and len(a) >= 2:
+        # One sentence and a true continuation asked for: B is the rest of that sentence.
+        cut = int(rng.integers(1, len(a)))
+        a, b, is_random_next = a[:cut], a[cut:], False
+      elif len(chunk) == 1 or random_next:
+        is_random_next = True
+        other = d
+        for _ in range(10):
+          other = int(rng.integers(0, len(docs)))
+          if other != d:
+            break
+        random_doc = corpus.document(int(docs[other]))
+        b: list[int] = []
+        for s in random_doc[int(rng.integers(0, len(random_doc))):]:
+          b.extend(s.tolist())
+          if len(b) >= target - len(a):
+            break
+        i -= len(chunk) - a_end  # put the unused sentences back
+      else:
+        is_random_next = False
+        b = [t for s in chunk[a_end:] for t in s.tolist()]
+      truncate_pair(a, b, max_tokens, rng)
+      if a and b:
+        tokens = np.array([spec.cls_id, *a, spec.sep_id, *b, spec.sep_id], np.int64)
+        segments = np.array([0] * (len(a) + 2) + [1] * (len(b) + 1), np.int8)
+        f = pad_instance(tokens, segments, is_random_next, spec.max_seq_length)
+        if spec.masking is not None:
+          f.update(masked_features(f["input_ids"], len(tokens), spec.masking, rng, spec.pad_id))
+        yield f
+      chunk, length = [], 0
+    i += 1
+
+
+_TASK: dict[str, Any] = {}
+
+
+def _init_instance_worker(corpus_dir: str, spec: InstanceSpec) -> None:
+  meta = np.load(os.path.join(corpus_dir, "boundaries.npz"))
+  total = int(meta["sentence_starts"][-1])
+  _TASK["corpus"] = Corpus(np.memmap(os.path.join(corpus_dir, "tokens.bin"), np.int32, "r",
+                                     shape=(total,)), meta["sentence_starts"], meta["doc_starts"])
+  _TASK["spec"] = spec
+
+
+def _instance_task(docs: np.ndarray, lo: int, hi: int, seed: tuple[int, ...]
+                   ) -> dict[str, np.ndarray]:
+  """The instances of docs[lo:hi] (one pass), as stacked arrays; seeded by the task alone."""
+  corpus, spec = _TASK["corpus"], _TASK["spec"]
+  rng = np.random.default_rng(seed)
+  rows = [f for d in range(lo, hi) for f in document_instances(corpus, docs, d, spec, rng)]
+  names = FEATURES if spec.masking is not None else UNMASKED
+  if not rows:
+    return {}
+  return {k: np.stack([r[k] for r in rows]).astype(STORED_DTYPES[k]) for k in names}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class _ShardWriter:
+  """Appends instance arrays; writes shards of `shard_size` rows as <split>-NNNNN.<feature>.npy."""
+
+  def __init__(self, directory: pathlib.Path, split: str, shard_size: int):
+    self.directory, self.split, self.shard_size = directory, split, shard_size
+    self.buffer: list[dict[str, np.ndarray]] = []
+    self.buffered = 0
+    self.shards: list[dict[str, Any]] = []
+    self.stats = {"instances": 0, "random_next": 0, "masked": 0, "maskable": 0, "tokens": 0}
+
+  def add(self, arrays: dict[str, np.ndarray]) -> None:
+    if not arrays:
+      return
+    n = len(arrays["input_ids"])
+    lengths = arrays["input_mask"].sum(1, dtype=np.int64)
+    self.stats["instances"] += n
+    self.stats["random_next"] += int(arrays["next_sentence_labels"].sum())
+    self.stats["tokens"] += int(lengths.sum())
+    if "masked_lm_weights" in arrays:
+      self.stats["masked"] += int(arrays["masked_lm_weights"].sum())
+      self.stats["maskable"] += int((lengths - 3).sum())
+    self.buffer.append(arrays)
+    self.buffered += n
+    while self.buffered >= self.shard_size:
+      self._flush(self.shard_size)
+
+  def close(self) -> dict[str, Any]:
+    if self.buffered:
+      self._flush(self.buffered)
+    return {"num_instances": self.stats["instances"], "shards": self.shards,
+            "stats": self.stats}
+
+  def _flush(self, n: int) -> None:
+    merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
+    name = f"{self.split}-{len(self.shards):05d}"
+    for k, v in merged.items():
+      np.save(self.directory / f"{name}.{k}.npy", v[:n])
+    rest = {k: v[n:] for k, v in merged.items()}
+    self.buffered -= n
+    self.buffer = [rest] if self.buffered else []
+    self.shards.append({"name": name, "num_instances": n})
+
+
+def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
+                     ) -> dict[str, np.ndarray]:
+  n = corpus.num_documents()
+  if eval_fraction <= 0 or n < 2:
+    return {"train": np.arange(n)}
+  n_eval = min(n - 1, max(1, int(round(eval_fraction * n))))
+  perm = np.random.default_rng([seed, 2]).permutation(n)
+  return {"train": np.sort(perm[n_eval:]), "eval": np.sort(perm[:n_eval])}
+
+
+def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Replaces `out` by `tmp` so that a reader sees the old or the new directory, never a mix."""
+  old = out.with_name(f".{out.name}.old-{os.getpid()}")
+  if out.exists():
+    os.rename(out, old)
+  os.rename(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer_path: str,
+                            output_dir: str | pathlib.Path, *, max_seq_length: int = 128,
+                            max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15,
+                            short_seq_prob: float = 0.1, dupe_factor: int = 10,
+                            seed: int = 12345, whole_word_mask: bool = False,
+                            dynamic_masking: bool = False, eval_fraction: float = 0.0,
+                            workers: int | None = None, shard_size: int = 65536,
+                            docs_per_task: int = 64) -> dict[str, Any]:
+  """Creates the instances (see the module docstring); returns the manifest."""
+  from bert_jax import tokenizer as tokenizers
+  started = time.perf_counter()
+  files = check_files(input_files)
+  if max_seq_length < 5:
+    raise ValueError(f"max_seq_length={max_seq_length}: needs room for [CLS] A [SEP] B [SEP]")
+  if not 0 < masked_lm_prob < 1 or max_predictions_per_seq < 1 or dupe_factor < 1:
+    raise ValueError("masked_lm_prob must be in (0, 1), max_predictions_per_seq and dupe_factor "
+                     ">= 1")
+  tok = tokenizers.load(tokenizer_path)
+  if workers is None:
+    size = sum(p.stat().st_size for p in files)
+    workers = max(1, min(os.cpu_count() or 1, size // (4 << 20)))
+  out = pathlib.Path(output_dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  (tmp / "corpus").mkdir(parents=True)
+  try:
+    corpus = tokenize_corpus(files, str(tok.path), tmp / "corpus", workers)
+    np.savez(tmp / "corpus" / "boundaries.npz", sentence_starts=corpus.sentence_starts,
+             doc_starts=corpus.doc_starts)
+    n_docs = corpus.num_documents()
+    if not any(corpus.num_sentences(d) >= 2 for d in range(n_docs)):
+      raise DataError(f"{', '.join(map(str, files))}: no document has two sentences; next-"
+                      "sentence pairs need documents of several lines (one sentence per line, a "
+                      "blank line between documents)")
+    masking = MaskingSpec.create(tok.special_ids, tok.word_starts, tok.mask_id,
+                                 masked_lm_prob=masked_lm_prob,
+                                 max_predictions=max_predictions_per_seq,
+                                 whole_word=whole_word_mask)
+    spec = InstanceSpec(max_seq_length, short_seq_prob, tok.cls_id, tok.sep_id, tok.pad_id,
+                        None if dynamic_masking else masking)
+    np.save(tmp / WORD_STARTS, tok.word_starts)
+    splits = {}
+    for split_id, (split, docs) in enumerate(_split_documents(corpus, eval_fraction,
+                                                              seed).items()):
+      writer = _ShardWriter(tmp, split, shard_size)
+      tasks = [(docs, lo, min(lo + docs_per_task, len(docs)), (seed, split_id, dupe, lo))
+               for dupe in range(dupe_factor) for lo in range(0, len(docs), docs_per_task)]
+      for arrays in _run_tasks(tasks, str(tmp / "corpus"), spec, workers):
+        writer.add(arrays)
+      splits[split] = writer.close() | {"num_documents": len(docs)}
+      if splits[split]["num_instances"] == 0:
+        raise DataError(f"{', '.join(map(str, files))}: the {split} split gave no instances")
+    shutil.rmtree(tmp / "corpus")
+    seconds = time.perf_counter() - started
+    total = sum(s["num_instances"] for s in splits.values())
+    manifest = {
+        "format": FORMAT, "max_seq_length": max_seq_length,
+        "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
+        "whole_word_mask": whole_word_mask, "masked_lm_prob": masked_lm_prob,
+        "tokenizer": str(tok.path), "tokenizer_fingerprint": tok.fingerprint,
+        "vocab_size": tok.vocab_size,
+        "special_ids": dict(zip(("pad", "unk", "cls", "sep", "mask"), tok.special_ids,
+                                strict=True)),
+        "features": {k: str(np.dtype(STORED_DTYPES[k])) for k in
+                     (UNMASKED if dynamic_masking else FEATURES)},
+        "splits": splits,
+        "args": {"input_files": [str(p) for p in files], "short_seq_prob": short_seq_prob,
+                 "dupe_factor": dupe_factor, "seed": seed, "eval_fraction": eval_fraction},
+        "corpus": {"documents": n_docs, "sentences": int(corpus.doc_starts[-1]),
+                   "tokens": int(corpus.sentence_starts[-1])},
+        "seconds": round(seconds, 2), "instances_per_s": round(total / seconds, 1),
+        "workers": workers,
+    }
+    del corpus
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _swap_into_place(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  log.info("%s: %d instances (%s) in %.1f s, %.0f instances/s", out, total,
+           ", ".join(f"{k} {v['num_instances']}" for k, v in splits.items()), seconds,
+           total / seconds)
+  return manifest
+
+
+def _run_tasks(tasks, corpus_dir: str, spec: InstanceSpec, workers: int
+               ) -> Iterator[dict[str, np.ndarray]]:
+  """Task results in task order (so the output does not depend on the number of workers)."""
+  if workers <= 1:
+    _init_instance_worker(corpus_dir, spec)
+    for t in tasks:
+      yield _instance_task(*t)
+    return
+  with _pool(workers, _init_instance_worker, (corpus_dir, spec)) as pool:
+    pending: list[concurrent.futures.Future] = []
+    for t in tasks:
+      pending.append(pool.submit(_instance_task, *t))
+      if len(pending) >= 2 * workers:
+        yield pending.pop(0).result()
+    for fut in pending:
+      yield fut.result()
+
+
+def read_manifest(data_dir: str | pathlib.Path) -> dict[str, Any]:
+  path = pathlib.Path(data_dir) / MANIFEST
+  if not path.is_file():
+    raise DataError(f"{path}: no such file (create the data with python -m "
+                    "bert_jax.data.pretraining)")
+  try:
+    manifest = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+  if manifest.get("format") != FORMAT:
+    raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  return manifest
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _expand(patterns: str) -> list[str]:
+  files: list[str] = []
+  for pattern in patterns.split(","):
+    matches = sorted(glob.glob(pattern.strip()))
+    if not matches:
+      raise DataError(f"{pattern.strip()}: no such file")
+    files += matches
+  return files
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(prog="python -m bert_jax.data.pretraining",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--input_files", required=True, help="comma-separated files or globs")
+  p.add_argument("--tokenizer", required=True, help="SentencePiece .model or WordPiece vocab.txt")
+  p.add_argument("--output_dir", required=True)
+  p.add_argument("--max_seq_length", type=int, default=128)
+  p.add_argument("--max_predictions_per_seq", type=int, default=20)
+  p.add_argument("--masked_lm_prob", type=float, default=0.15)
+  p.add_argument("--short_seq_prob", type=float, default=0.1)
+  p.add_argument("--dupe_factor", type=int, default=10)
+  p.add_argument("--seed", type=int, default=12345)
+  p.add_argument("--whole_word_mask", action="store_true")
+  p.add_argument("--dynamic_masking", action="store_true",
+                 help="store unmasked instances; the loader masks afresh each epoch")
+  p.add_argument("--eval_fraction", type=float, default=0.01,
+                 help="share of documents held out as the eval split")
+  p.add_argument("--workers", type=int, default=None, help="processes (default: by corpus size)")
+  p.add_argument("--shard_size", type=int, default=65536)
+  a = p.parse_args(argv)
+  m = create_pretraining_data(
+      _expand(a.input_files), a.tokenizer, a.output_dir, max_seq_length=a.max_seq_length,
+      max_predictions_per_seq=a.max_predictions_per_seq, masked_lm_prob=a.masked_lm_prob,
+      short_seq_prob=a.short_seq_prob, dupe_factor=a.dupe_factor, seed=a.seed,
+      whole_word_mask=a.whole_word_mask, dynamic_masking=a.dynamic_masking,
+      eval_fraction=a.eval_fraction, workers=a.workers, shard_size=a.shard_size)
+  print(json.dumps({k: m[k] for k in ("corpus", "seconds", "instances_per_s")} | {
+      k: {"instances": v["num_instances"], **v["stats"]} for k, v in m["splits"].items()}))
+
+
+if __name__ == "__main__":
+  from bert_jax import cli
+  cli.run(_main)

@@ -1,0 +1,36 @@
+"""Reading raw text corpora line by line, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator, Sequence
+
+from bert_jax.data.errors import DataError
+
+
+def check_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+  """The paths as Paths; a DataError naming the first that is missing or not a file."""
+  if not paths:
+    raise DataError("no input files given")
+  out = []
+  for p in map(pathlib.Path, paths):
+    if not p.is_file():
+      raise DataError(f"{p}: no such file")
+    out.append(p)
+  return out
+
+
+def iter_lines(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
+  """(line number, text without the newline) for each line of a UTF-8 file.
+
+  Undecodable bytes are an error (not a silent replacement): the message gives the file, the line
+  and the column of the first bad byte.
+  """
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                        f"{e.start + 1} of the line); convert the file to UTF-8") from None
+      yield n, line.rstrip("\r\n")

@@ -1,0 +1,396 @@
+"""Tokenizers behind one interface: SentencePiece models (trained here) and WordPiece vocab.txt
+files (Google and Hugging Face BERT checkpoints).
+
+    tok = tokenizer.load("tokenizer.model")          # or ".../vocab.txt"
+    ids = tok.encode("Hello, world")                 # no special tokens
+    ids, offsets = tok.encode_with_offsets(text)     # character [start, end) per token
+    tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id, tok.vocab_size
+
+Both split CJK characters and punctuation into tokens of their own, as the original BERT's basic
+tokenizer does: for SentencePiece, spaces are put around them before training and encoding, so
+no piece crosses them. WordPiece is the `tokenizers` library's BERT pipeline, the one
+`transformers.BertTokenizerFast` runs, so ids are identical to it.
+
+Train a SentencePiece model with the BERT special tokens at fixed ids ([PAD] 0, [UNK] 1, [CLS] 2,
+[SEP] 3, [MASK] 4):
+
+    python -m bert_jax.tokenizer train --input a.txt,b.txt --vocab_size 8000 --output tok/sp
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import re
+import sys
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from bert_jax.data.errors import DataError
+from bert_jax.data.text import check_files, iter_lines
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPACE_PIECE = "\u2581"
+
+# CJK Unified Ideographs and their extensions and compatibility blocks: the ranges the original
+# BERT tokenizer treats as Chinese characters (each one a token).
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+class TokenizerError(ValueError):
+  """A tokenizer file that cannot be used: the message names the file and what is wrong."""
+
+
+def is_cjk(ch: str) -> bool:
+  o = ord(ch)
+  return any(lo <= o <= hi for lo, hi in CJK_RANGES)
+
+
+def is_punctuation(ch: str) -> bool:
+  """BERT's definition: every non-alphanumeric ASCII symbol, and Unicode category P*."""
+  o = ord(ch)
+  if 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126:
+    return True
+  return unicodedata.category(ch).startswith("P")
+
+
+def is_split_char(ch: str) -> bool:
+  """A character that is always a token (or the start of one) of its own."""
+  return is_cjk(ch) or is_punctuation(ch)
+
+
+@functools.cache
+def _split_pattern() -> re.Pattern:
+  """A regex matching one split character (built once from the Unicode tables)."""
+  ranges: list[tuple[int, int]] = []
+  for o in range(0x110000):
+    if is_punctuation(chr(o)):
+      if ranges and ranges[-1][1] == o - 1:
+        ranges[-1] = (ranges[-1][0], o)
+      else:
+        ranges.append((o, o))
+  ranges += list(CJK_RANGES)
+  parts = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+                  for a, b in ranges)
+  return re.compile(f"([{parts}])")
+
+
+def presplit(text: str) -> str:
+  """Spaces around every CJK character and punctuation mark (what SentencePiece is trained on)."""
+  return _split_pattern().sub(r" \1 ", text)
+
+
+def file_fingerprint(path: str | pathlib.Path) -> str:
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+class Tokenizer:
+  """What the rest of the code uses; see the module docstring."""
+
+  kind: str
+  path: pathlib.Path
+  vocab_size: int
+  pad_id: int
+  unk_id: int
+  cls_id: int
+  sep_id: int
+  mask_id: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    raise NotImplementedError
+
+  def id_to_token(self, i: int) -> str:
+    raise NotImplementedError
+
+  def tokens(self, ids: Iterable[int]) -> list[str]:
+    return [self.id_to_token(int(i)) for i in ids]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    raise NotImplementedError
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 of the tokenizer file: data made with one tokenizer is refused by another."""
+    return file_fingerprint(self.path)
+
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+
+  @functools.cached_property
+  def word_starts(self) -> np.ndarray:
+    """bool[vocab_size]: the token begins a word (whole-word masking groups a word's tokens)."""
+    return np.array([self._starts_word(self.id_to_token(i)) for i in range(self.vocab_size)])
+
+  def _starts_word(self, token: str) -> bool:
+    raise NotImplementedError
+
+  def _set_special_ids(self, lookup) -> None:
+    ids = {t: lookup(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+      raise TokenizerError(f"{self.path}: the tokenizer has no {', '.join(missing)} token"
+                           f"{'s' if len(missing) > 1 else ''}; BERT needs "
+                           f"{' '.join(SPECIAL_TOKENS)} (train one with python -m "
+                           "bert_jax.tokenizer train)")
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        ids[t] for t in SPECIAL_TOKENS)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model, with CJK characters and punctuation split out before encoding."""
+
+  kind = "sentencepiece"
+
+  def __init__(self, path: str | pathlib.Path):
+    import sentencepiece as spm
+    self.path = pathlib.Path(path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+    except (OSError, RuntimeError) as e:
+      raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
+    self.vocab_size = self.sp.get_piece_size()
+
+    def lookup(token):
+      i = self.sp.piece_to_id(token)
+      return i if self.sp.id_to_piece(i) == token else None
+    self._set_special_ids(lookup)
+    space = self.sp.piece_to_id(SPACE_PIECE)
+    self._space_id = space if self.sp.id_to_piece(space) == SPACE_PIECE else -1
+    # Pieces a lone "▁" before is dropped: split characters, and [UNK] (an unknown one).
+    self._split_piece = np.array([len(p) == 1 and is_split_char(p) for p in
+                                  map(self.sp.id_to_piece, range(self.vocab_size))] + [False])
+    self._split_piece[self.unk_id] = True
+
+  def _kept(self, ids: np.ndarray) -> np.ndarray:
+    """bool per piece: False for a lone "▁" in front of a split character or [UNK] (it only
+    marks a space), True otherwise."""
+    nxt = np.append(ids[1:], self.vocab_size).astype(np.int64)
+    return ~((ids == self._space_id) & self._split_piece[nxt])
+
+  def _drop(self, ids: np.ndarray) -> np.ndarray:
+    return ids[self._kept(ids)] if ids.size else ids
+
+  def encode(self, text: str) -> list[int]:
+    return self._drop(np.asarray(self.sp.encode(presplit(text)), np.int64)).tolist()
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    out = self.sp.encode([presplit(t) for t in texts], num_threads=1)
+    return [self._drop(np.asarray(ids, np.int64)).tolist() for ids in out]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    split = presplit(text)
+    # Character of `split` -> character of `text` (inserted spaces map to -1).
+    origin = np.full(len(split) + 1, -1, np.int64)
+    j = 0
+    for i, ch in enumerate(split):
+      if j < len(text) and ch == text[j]:
+        origin[i] = j
+        j += 1
+    # UTF-8 byte of `split` -> character of `split`.
+    char_of_byte = np.repeat(np.arange(len(split) + 1),
+                             [len(c.encode("utf-8")) for c in split] + [1])
+    pieces = self.sp.encode(split, return_type="proto").pieces
+    kept = self._kept(np.array([p.id for p in pieces], np.int64))
+    out_ids, offsets = [], []
+    for p, keep in zip(pieces, kept, strict=False):
+      if not keep:
+        continue
+      chars = [c for c in origin[char_of_byte[p.begin]:char_of_byte[p.end]]
+               if c >= 0 and not text[c].isspace()]
+      if chars:
+        offsets.append((int(chars[0]), int(chars[-1]) + 1))
+      else:  # a lone "▁": an empty span where it stands
+        at = next((int(c) for c in origin[char_of_byte[p.begin]:] if c >= 0), len(text))
+        offsets.append((at, at))
+      out_ids.append(int(p.id))
+    return out_ids, offsets
+
+  def id_to_token(self, i: int) -> str:
+    return self.sp.id_to_piece(int(i))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    specials = set(self.special_ids)
+    text = self.sp.decode([int(i) for i in ids if int(i) not in specials])
+    return re.sub(r" ([,.;:!?])", r"\1", text)
+
+  def _starts_word(self, token: str) -> bool:
+    return token.startswith(SPACE_PIECE) or (len(token) == 1 and is_split_char(token)) or (
+        token in SPECIAL_TOKENS)
+
+
+class WordPieceTokenizer(Tokenizer):
+  """A BERT vocab.txt, run by the `tokenizers` library's BERT pipeline (clean text, CJK and
+  punctuation split, optional lower-casing with accent stripping, greedy WordPiece)."""
+
+  kind = "wordpiece"
+
+  def __init__(self, path: str | pathlib.Path, lowercase: bool | None = None):
+    from tokenizers import BertWordPieceTokenizer
+    self.path = pathlib.Path(path)
+    vocab = _read_vocab(self.path)
+    self._set_special_ids(vocab.get)
+    self.lowercase = _infer_lowercase(self.path, vocab) if lowercase is None else lowercase
+    self.tok = BertWordPieceTokenizer(str(self.path), lowercase=self.lowercase,
+                                      strip_accents=None, clean_text=True,
+                                      handle_chinese_chars=True)
+    self.vocab = vocab
+    self.vocab_size = len(vocab)
+    self._inverse = {i: t for t, i in vocab.items()}
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    e = self.tok.encode(text, add_special_tokens=False)
+    return e.ids, [tuple(o) for o in e.offsets]
+
+  def id_to_token(self, i: int) -> str:
+    return self._inverse[int(i)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def _starts_word(self, token: str) -> bool:
+    return not token.startswith("##")
+
+
+def _read_vocab(path: pathlib.Path) -> dict[str, int]:
+  vocab: dict[str, int] = {}
+  for n, line in iter_lines(path):
+    token = line.strip()
+    if not token:
+      raise TokenizerError(f"{path}:{n}: empty line in a WordPiece vocabulary")
+    vocab.setdefault(token, n - 1)
+  if not vocab:
+    raise TokenizerError(f"{path}: empty vocabulary")
+  return vocab
+
+
+def _infer_lowercase(path: pathlib.Path, vocab: dict[str, int]) -> bool:
+  """do_lower_case from a tokenizer_config.json beside the vocab, else: no upper-case tokens."""
+  import json
+  cfg = path.parent / "tokenizer_config.json"
+  if cfg.is_file():
+    value = json.loads(cfg.read_text()).get("do_lower_case")
+    if value is not None:
+      return bool(value)
+  return not any(t.lower() != t for t in vocab if not (t.startswith("[") and t.endswith("]")))
+
+
+def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
+  """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    for name in ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.model"):
+      if (path / name).is_file():
+        return load(path / name, lowercase)
+    raise TokenizerError(f"{path}: no tokenizer.model or vocab.txt in this directory")
+  if not path.is_file():
+    raise TokenizerError(f"{path}: no such tokenizer file")
+  if path.suffix == ".txt":
+    return WordPieceTokenizer(path, lowercase)
+  return SentencePieceTokenizer(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _training_sentences(files: Sequence[pathlib.Path], counter: list[int]) -> Iterator[str]:
+  for path in files:
+    for _, line in iter_lines(path):
+      line = line.strip()
+      if line:
+        counter[0] += 1
+        yield presplit(line)
+
+
+def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
+                        output_prefix: str | pathlib.Path, model_type: str = "unigram",
+                        character_coverage: float = 0.9995,
+                        input_sentence_size: int = 2_000_000) -> str:
+  """Trains a SentencePiece model on text files; returns the path of `<output_prefix>.model`.
+
+  The BERT special tokens take ids 0-4; CJK characters and punctuation are split out first (as
+  `encode` does). The vocabulary may come out smaller than asked on a small corpus (a warning says
+  so); the model file is written atomically.
+  """
+  import sentencepiece as spm
+  if model_type not in ("unigram", "bpe"):
+    raise ValueError(f"model_type must be unigram or bpe, not {model_type!r}")
+  paths = check_files(files)
+  out = pathlib.Path(f"{output_prefix}.model")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  counter = [0]
+  import io
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(paths, counter), model_writer=model,
+        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+        control_symbols=list(SPECIAL_TOKENS[2:]), hard_vocab_limit=False,
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    if counter[0] == 0:
+      raise DataError(f"{', '.join(map(str, paths))}: no text to train a tokenizer on") from None
+    raise DataError(f"training SentencePiece on {', '.join(map(str, paths))} failed: {e}"
+                    ) from None
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_bytes(model.getvalue())
+  os.replace(tmp, out)
+  got = SentencePieceTokenizer(out).vocab_size
+  if got != vocab_size:
+    log.warning("%s: the corpus gave %d pieces, not the %d asked for", out, got, vocab_size)
+  return str(out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(prog="python -m bert_jax.tokenizer", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a SentencePiece model with the BERT special tokens")
+  t.add_argument("--input", required=True, help="comma-separated text files")
+  t.add_argument("--vocab_size", type=int, default=30000)
+  t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model")
+  t.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
+  t.add_argument("--character_coverage", type=float, default=0.9995)
+  e = sub.add_parser("encode", help="print the tokens of each line of stdin")
+  e.add_argument("--tokenizer", required=True)
+  args = p.parse_args(argv)
+  if args.command == "train":
+    path = train_sentencepiece(args.input.split(","), args.vocab_size, args.output,
+                               args.model_type, args.character_coverage)
+    print(f"wrote {path} ({load(path).vocab_size} pieces)")
+  else:
+    tok = load(args.tokenizer)
+    for line in sys.stdin:
+      print(" ".join(tok.tokens(tok.encode(line.rstrip("\n")))))
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  from bert_jax import cli
+  cli.run(_main)

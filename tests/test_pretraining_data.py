@@ -1,0 +1,252 @@
+"""Pretraining data: the BERT recipe's statistics on the shared English and Chinese corpora,
+whole-word masking, determinism, the loader (slices, resume, dynamic masking) and bad input."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bert_jax import tokenizer
+from bert_jax.data import pretraining
+from bert_jax.data.errors import DataError
+from bert_jax.data.loader import PretrainingLoader
+
+
+def _load_split(data_dir, split="train"):
+  m = pretraining.read_manifest(data_dir)
+  arrays = {}
+  for k in m["features"]:
+    arrays[k] = np.concatenate([np.load(pathlib.Path(data_dir) / f"{s['name']}.{k}.npy")
+                                for s in m["splits"][split]["shards"]])
+  return arrays
+
+
+def check_instances(f, tok, whole_word=False):
+  """The recipe's invariants over a dict of stacked features; returns the measured shares."""
+  ids, mask, seg = f["input_ids"], f["input_mask"], f["segment_ids"]
+  pos, lab, w = f["masked_lm_positions"], f["masked_lm_ids"], f["masked_lm_weights"]
+  lengths = mask.sum(1)
+  n_masked = w.sum(1).astype(int)
+  special = np.isin(np.arange(tok.vocab_size), tok.special_ids)
+  counts = {"mask": 0, "same": 0, "random": 0}
+  for i in range(len(ids)):
+    n, k = lengths[i], n_masked[i]
+    assert (mask[i, :n] == 1).all() and (mask[i, n:] == 0).all()
+    seps = np.flatnonzero(ids[i, :n] == tok.sep_id)
+    assert ids[i, 0] == tok.cls_id and seps[-1] == n - 1
+    assert (seg[i, :seps[0] + 1] == 0).all() and (seg[i, seps[0] + 1:n] == 1).all()
+    p = pos[i, :k]
+    assert (np.diff(p) > 0).all(), "positions sorted and unique"
+    assert ((p > 0) & (p < n)).all() and not np.isin(p, seps).any(), "no [CLS]/[SEP]/padding"
+    assert (w[i, k:] == 0).all() and (pos[i, k:] == 0).all()
+    assert not special[lab[i, :k]].any()
+    got = ids[i, p]
+    counts["mask"] += int((got == tok.mask_id).sum())
+    counts["same"] += int((got == lab[i, :k]).sum())
+    counts["random"] += int(((got != tok.mask_id) & (got != lab[i, :k])).sum())
+    assert not special[got[got != tok.mask_id]].any()
+    if whole_word:
+      original = ids[i, :n].copy()
+      original[p] = lab[i, :k]
+      starts = tok.word_starts[original] | special[original]
+      chosen = np.zeros(n, bool)
+      chosen[p] = True
+      word = np.cumsum(starts)
+      for wid in np.unique(word[p]):
+        assert chosen[(word == wid) & ~special[original]].all(), "a word was split"
+  total = sum(counts.values())
+  return {"masked_share": w.sum() / (lengths - 3).sum(),
+          "mask": counts["mask"] / total, "same": counts["same"] / total,
+          "random": counts["random"] / total, "nsp_random": f["next_sentence_labels"].mean(),
+          "instances": len(ids)}
+
+
+@pytest.fixture(scope="module")
+def en(tmp_path_factory):
+  shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+  corpus = shared / "corpus/en/en_pd_all.sentences.txt"
+  if not corpus.is_file():
+    pytest.skip(f"{corpus} not found (the shared data sets live beside the checkout)")
+  d = tmp_path_factory.mktemp("en")
+  return corpus, tokenizer.train_sentencepiece([str(corpus)], 8000, str(d / "sp")), d
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_recipe_statistics_english(en, whole_word):
+  corpus, tok_path, d = en
+  out = d / f"wwm{whole_word}"
+  m = pretraining.create_pretraining_data([corpus], tok_path, out, max_seq_length=128,
+                                          max_predictions_per_seq=20, dupe_factor=1,
+                                          whole_word_mask=whole_word, seed=7)
+  stats = check_instances(_load_split(out), tokenizer.load(tok_path), whole_word)
+  print("en", "wwm" if whole_word else "token", m["instances_per_s"], "instances/s", stats)
+  assert stats["instances"] > 5000
+  assert abs(stats["masked_share"] - 0.15) < 0.01
+  assert abs(stats["mask"] - 0.8) < 0.02 and abs(stats["same"] - 0.1) < 0.02
+  assert abs(stats["random"] - 0.1) < 0.02
+  assert abs(stats["nsp_random"] - 0.5) < 0.03
+
+
+def test_recipe_statistics_chinese(tmp_path):
+  shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+  corpus = shared / "corpus/zh/zh_hans_wiki_cmrc2018_contexts.sentences.txt"
+  if not corpus.is_file():
+    pytest.skip(f"{corpus} not found (the shared data sets live beside the checkout)")
+  tok = tokenizer.load(tokenizer.train_sentencepiece([str(corpus)], 8000, str(tmp_path / "sp")))
+  lines = [s for s in corpus.read_text(encoding="utf-8").splitlines() if s][:2000]
+  cjk = 0
+  for line in lines:
+    ids, offsets = tok.encode_with_offsets(line)
+    for (a, b), piece in zip(offsets, tok.tokens(ids), strict=False):
+      if any(tokenizer.is_cjk(c) for c in line[a:b]):
+        assert b - a == 1 and piece.lstrip("\u2581") in (line[a], "[UNK]"), (line, piece)
+        cjk += 1
+  assert cjk == sum(tokenizer.is_cjk(c) for line in lines for c in line)
+  out = tmp_path / "data"
+  pretraining.create_pretraining_data([corpus], tok.path, out, dupe_factor=1,
+                                      whole_word_mask=True, seed=3)
+  stats = check_instances(_load_split(out), tok, whole_word=True)
+  print("zh", stats)
+  assert abs(stats["masked_share"] - 0.15) < 0.01 and abs(stats["nsp_random"] - 0.5) < 0.03
+  assert abs(stats["mask"] - 0.8) < 0.02
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """A tokenizer and the first 200 kB of the bundled corpus."""
+  d = tmp_path_factory.mktemp("small")
+  corpus = d / "corpus.txt"
+  text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:200_000]
+  corpus.write_text(text[:text.rindex("\n\n")] + "\n", encoding="utf-8")
+  return corpus, tokenizer.train_sentencepiece([str(corpus)], 1000, str(d / "sp")), d
+
+
+def test_same_seed_same_bytes_any_worker_count(small):
+  corpus, tok, d = small
+  kw = dict(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=2, eval_fraction=0.1,
+            shard_size=500, docs_per_task=4)
+  a = pretraining.create_pretraining_data([corpus], tok, d / "a", seed=5, workers=1, **kw)
+  pretraining.create_pretraining_data([corpus], tok, d / "b", seed=5, workers=2, **kw)
+  pretraining.create_pretraining_data([corpus], tok, d / "c", seed=6, workers=1, **kw)
+  assert len(a["splits"]["train"]["shards"]) > 1 and a["splits"]["eval"]["num_instances"] > 0
+  files = sorted(p.name for p in (d / "a").glob("*.npy"))
+  assert files == sorted(p.name for p in (d / "b").glob("*.npy"))
+  for name in files:
+    assert (d / "a" / name).read_bytes() == (d / "b" / name).read_bytes(), name
+  assert (d / "a" / "train-00000.input_ids.npy").read_bytes() != (
+      d / "c" / "train-00000.input_ids.npy").read_bytes()
+
+
+def test_loader_slices_resume_and_epochs(small):
+  corpus, tok, d = small
+  pretraining.create_pretraining_data([corpus], tok, d / "l", max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1, seed=1)
+  full = PretrainingLoader(d / "l", "train", 32, seed=3)
+  n_batches = len(full)
+  batches = [next(full) for _ in range(n_batches + 3)]  # into the second epoch
+  assert all(b["input_ids"].shape == (32, 64) and b["input_ids"].dtype == np.int32
+             for b in batches)
+  first = np.concatenate([b["input_ids"] for b in batches[:n_batches]])
+  assert len({r.tobytes() for r in first}) == n_batches * 32  # no repeats within an epoch
+  assert not np.array_equal(batches[0]["input_ids"], batches[n_batches]["input_ids"])
+  assert full.get_state()["epoch"] == 1
+  # Two processes read disjoint halves that make up the same global batch.
+  halves = [PretrainingLoader(d / "l", "train", 32, seed=3, process_index=p, process_count=2)
+            for p in range(2)]
+  for b in batches[:3]:
+    parts = [next(h) for h in halves]
+    for k in b:
+      assert np.array_equal(np.concatenate([parts[0][k], parts[1][k]]), b[k])
+  # Resume from a saved state gives the same batches.
+  again = PretrainingLoader(d / "l", "train", 32, seed=3)
+  for _ in range(5):
+    next(again)
+  state = json.loads(json.dumps(again.get_state()))
+  resumed = PretrainingLoader(d / "l", "train", 32, seed=3)
+  resumed.set_state(state)
+  for b in batches[5:n_batches + 3]:
+    got = next(resumed)
+    assert all(np.array_equal(got[k], b[k]) for k in b)
+  # Evaluation: one pass in file order, then the end.
+  ev = PretrainingLoader(d / "l", "train", 32, shuffle=False, num_epochs=1)
+  assert sum(1 for _ in ev) == n_batches
+
+
+def test_dynamic_masking(small):
+  corpus, tok, d = small
+  m = pretraining.create_pretraining_data([corpus], tok, d / "dyn", max_seq_length=128,
+                                          max_predictions_per_seq=20, dupe_factor=1, seed=1,
+                                          dynamic_masking=True)
+  assert set(m["features"]) == {"input_ids", "input_mask", "segment_ids", "next_sentence_labels"}
+  assert "masked_lm_positions" not in m["features"]
+  loader = PretrainingLoader(d / "dyn", "train", 16, seed=2, shuffle=False)
+  total = loader.instances.num_instances
+  batches = [next(loader) for _ in range(total // 16 + 1)]  # the first epoch and a bit
+  epoch0 = batches[:total // 16]
+  stacked = {k: np.concatenate([b[k] for b in epoch0]) for k in epoch0[0]}
+  stats = check_instances(stacked, tokenizer.load(tok))
+  assert abs(stats["masked_share"] - 0.15) < 0.01 and abs(stats["mask"] - 0.8) < 0.03
+  # Instance 0 again in the second epoch (no shuffle): same text, fresh masks.
+  again = {k: v[total % 16] for k, v in batches[-1].items()}
+  assert np.array_equal(again["segment_ids"], epoch0[0]["segment_ids"][0])
+  assert not np.array_equal(again["masked_lm_positions"], epoch0[0]["masked_lm_positions"][0])
+  # The masks depend on (seed, epoch, instance) only: two processes see the same.
+  halves = [PretrainingLoader(d / "dyn", "train", 16, seed=2, shuffle=False, process_index=p,
+                              process_count=2) for p in range(2)]
+  parts = [next(h) for h in halves]
+  assert np.array_equal(np.concatenate([p["masked_lm_positions"] for p in parts]),
+                        epoch0[0]["masked_lm_positions"])
+
+
+def _create(files, tok, out, **kw):
+  return pretraining.create_pretraining_data(files, tok, out, max_seq_length=64,
+                                             max_predictions_per_seq=10, dupe_factor=1, **kw)
+
+
+def test_bad_input_and_nothing_lost(small, tmp_path):
+  corpus, tok, _ = small
+  good = tmp_path / "data"
+  _create([corpus], tok, good)
+  before = {p.name: p.read_bytes() for p in good.iterdir()}
+  with pytest.raises(DataError, match="missing.txt: no such file"):
+    _create([tmp_path / "missing.txt"], tok, good)
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  with pytest.raises(DataError, match="empty.txt: no text"):
+    _create([empty], tok, good)
+  single = tmp_path / "single.txt"
+  single.write_text("One sentence.\n\nAnother document of one line.\n")
+  with pytest.raises(DataError, match="single.txt: no document has two sentences"):
+    _create([single], tok, good)
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"A good line.\nAnother.\n\nBad \xc3\x28 bytes.\n")
+  with pytest.raises(DataError, match=r"bad.txt:4: not valid UTF-8"):
+    _create([bad], tok, good)
+  import sentencepiece as spm
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "plain"),
+                                 vocab_size=100, minloglevel=2)
+  with pytest.raises(tokenizer.TokenizerError, match="plain.model: the tokenizer has no"):
+    _create([corpus], str(tmp_path / "plain.model"), good)
+  assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_command_line(small, tmp_path):
+  corpus, tok, _ = small
+  out = subprocess.run(
+      [sys.executable, "-m", "bert_jax.data.pretraining", "--input_files", str(corpus),
+       "--tokenizer", tok, "--output_dir", str(tmp_path / "cli"), "--max_seq_length", "64",
+       "--max_predictions_per_seq", "10", "--dupe_factor", "1", "--whole_word_mask"],
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["train"]["instances"] > 0 and summary["instances_per_s"] > 0
+  assert pretraining.read_manifest(tmp_path / "cli")["whole_word_mask"] is True
+  out = subprocess.run(
+      [sys.executable, "-m", "bert_jax.data.pretraining", "--input_files",
+       str(tmp_path / "nope*.txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "x")],
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "nope*.txt: no such file" in out.stderr

@@ -1,0 +1,147 @@
+"""Tokenizers: SentencePiece training with fixed special ids, CJK and punctuation split, offsets;
+WordPiece ids identical to transformers.BertTokenizerFast; bad input."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from bert_jax import tokenizer
+from bert_jax.data import pretraining
+from bert_jax.data.errors import DataError
+
+ZH = ["北京是中华人民共和国的首都。", "他说：“我们明天去上海吧！”",
+      "数学（mathematics）是研究数量的学科。",
+      "长江是亚洲第一长河，全长6300公里。"]
+
+
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sp")
+  text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:200_000]
+  corpus = d / "corpus.txt"
+  corpus.write_text(text + "\n" + "\n".join(ZH * 20) + "\n", encoding="utf-8")
+  return tokenizer.load(tokenizer.train_sentencepiece([str(corpus)], 2000, str(d / "sp")))
+
+
+def test_sentencepiece_special_ids_and_round_trip(sp_tok):
+  assert sp_tok.special_ids == (0, 1, 2, 3, 4)
+  assert sp_tok.tokens(range(5)) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  assert sp_tok.vocab_size == 2000
+  text = "Good night, sweet prince: and flights of angels sing thee to thy rest!"
+  ids = sp_tok.encode(text)
+  assert not set(ids) & set(sp_tok.special_ids)
+  assert sp_tok.decode(ids) == text
+  # Text that looks like a special token is not one.
+  assert sp_tok.mask_id not in sp_tok.encode("a [MASK] b")
+
+
+def test_sentencepiece_splits_cjk_and_punctuation(sp_tok):
+  for line in ZH:
+    ids, offsets = sp_tok.encode_with_offsets(line)
+    assert ids == sp_tok.encode(line)
+    spans = [line[a:b] for a, b in offsets]
+    for i, ch in enumerate(line):
+      if tokenizer.is_split_char(ch):
+        assert spans.count(ch) >= 1 and (i, i + 1) in offsets, (line, ch)
+    # Every CJK character is a whole token of its own.
+    for (a, b), tid in zip(offsets, ids, strict=False):
+      piece = sp_tok.id_to_token(tid).lstrip("\u2581")
+      if any(tokenizer.is_cjk(c) for c in line[a:b]):
+        assert b - a == 1 and piece in (line[a], "[UNK]"), (line[a:b], piece)
+  tokens = sp_tok.tokens(sp_tok.encode("stop,go.now"))
+  assert "\u2581," in tokens and "\u2581." in tokens
+
+
+def test_sentencepiece_offsets_cover_the_text(sp_tok):
+  text = "  O, that this too too solid flesh would melt,\tThaw and resolve itself into a dew!  "
+  ids, offsets = sp_tok.encode_with_offsets(text)
+  pieces = [sp_tok.id_to_token(i).lstrip("\u2581") for i in ids]
+  assert [text[a:b] for a, b in offsets] == pieces
+  assert "".join(text[a:b] for a, b in offsets) == "".join(text.split())
+
+
+def test_wordpiece_matches_bert_tokenizer_fast(tmp_path, shared_data):
+  transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+  from tokenizers import BertWordPieceTokenizer
+  en = [s for s in (shared_data / "corpus/en/en_pd_all.sentences.txt").read_text(
+      encoding="utf-8").splitlines() if s][:3000]
+  zh = [s for s in (shared_data / "corpus/zh/zh_hans_wiki_cmrc2018_contexts.sentences.txt")
+        .read_text(encoding="utf-8").splitlines() if s][:1000]
+  extra = ["Café naïve Über façade résumé — “quoted” ‘single’ … ¡Hola! ¿Qué tal?",
+           "emoji 😀👍🏽 and flags 🇫🇷 in text", "", "   ", "tabs\tand\nnewlines\r\n",
+           "URL https://example.com/a?b=c&d=e#f, e-mail a.b@c.org", "1,234.56 $5 €7 50% #tag",
+           "MiXeD 中文 and English，全角标点！", "control\x00chars\x07here",
+           "ÅNGSTRÖM ǅ ﬁ ligature",
+           "Ελληνικά кириллица العربية עברית हिन्दी ไทย 한국어 日本語のテキスト",
+           "Über-straße", "naïve café"]
+  mixed = [a + " " + b for a, b in zip(en[1::50], zh[1::20], strict=False)][:40]
+  sentences = en[::6][:300] + zh[::5][:150] + mixed + extra
+  assert len(sentences) >= 500
+  for lowercase in (True, False):
+    trainer = BertWordPieceTokenizer(lowercase=lowercase)
+    trainer.train_from_iterator(en + zh, vocab_size=3000, min_frequency=2)
+    d = tmp_path / f"lower{lowercase}"
+    d.mkdir()
+    trainer.save_model(str(d))
+    ours = tokenizer.load(d / "vocab.txt")
+    assert ours.kind == "wordpiece" and ours.lowercase == lowercase  # inferred from the vocab
+    ref = transformers.BertTokenizerFast.from_pretrained(str(d), do_lower_case=lowercase)
+    assert ours.special_ids == tuple(ref.convert_tokens_to_ids(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    for s in sentences:
+      assert ours.encode(s) == ref(s, add_special_tokens=False)["input_ids"], s
+    ids, offsets = ours.encode_with_offsets("Hello, 世界!")
+    spans = [("Hello, 世界!")[a:b] for a, b in offsets]
+    assert "".join(spans) == "Hello,世界!" and spans[-4:] == [",", "世", "界", "!"]
+    assert ids == ours.encode("Hello, 世界!")
+
+
+def test_bad_tokenizer_files(tmp_path):
+  import sentencepiece as spm
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("some words here\nand more words there\n" * 50)
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "plain"),
+                                 vocab_size=15, hard_vocab_limit=False, minloglevel=2)
+  with pytest.raises(tokenizer.TokenizerError, match=r"plain.model: the tokenizer has no "
+                     r"\[PAD\], \[UNK\], \[CLS\], \[SEP\], \[MASK\] tokens"):
+    tokenizer.load(tmp_path / "plain.model")
+  (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+  with pytest.raises(tokenizer.TokenizerError, match=r"vocab.txt: the tokenizer has no \[CLS\]"):
+    tokenizer.load(tmp_path / "vocab.txt")
+  with pytest.raises(tokenizer.TokenizerError, match="no such tokenizer file"):
+    tokenizer.load(tmp_path / "missing.model")
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  with pytest.raises(tokenizer.TokenizerError, match="junk.model: not a SentencePiece model"):
+    tokenizer.load(tmp_path / "junk.model")
+
+
+def test_training_errors(tmp_path):
+  with pytest.raises(DataError, match="nothere.txt: no such file"):
+    tokenizer.train_sentencepiece([str(tmp_path / "nothere.txt")], 100, str(tmp_path / "t"))
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n  \n")
+  with pytest.raises(DataError, match="empty.txt: no text to train a tokenizer on"):
+    tokenizer.train_sentencepiece([str(empty)], 100, str(tmp_path / "t"))
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"fine line\nanother\nbroken \xff\xfe here\n")
+  with pytest.raises(DataError, match=r"bad.txt:3: not valid UTF-8 \(byte 0xff at byte 8"):
+    tokenizer.train_sentencepiece([str(bad)], 100, str(tmp_path / "t"))
+  assert not (tmp_path / "t.model").exists()
+
+
+def test_train_command_line(tmp_path):
+  corpus = tmp_path / "c.txt"
+  corpus.write_text(pretraining.default_corpus_path().read_text(encoding="utf-8")[:50_000])
+  out = subprocess.run([sys.executable, "-m", "bert_jax.tokenizer", "train", "--input",
+                        str(corpus), "--vocab_size", "500", "--output", str(tmp_path / "tok"),
+                        "--model_type", "bpe"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "500 pieces" in out.stdout
+  assert tokenizer.load(tmp_path / "tok.model").special_ids == (0, 1, 2, 3, 4)
+  out = subprocess.run([sys.executable, "-m", "bert_jax.tokenizer", "train", "--input",
+                        str(tmp_path / "none.txt"), "--output", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.strip().endswith("none.txt: no such file")
+  assert pathlib.Path(tmp_path / "x.model").exists() is False
