@@ -51,6 +51,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
   A step that fails to read (for example truncated by a crash mid-write) is skipped with a
   warning and the one before it is used.
   """
+  unreadable = []
+  found = None
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       got = mngr.restore(step, args=ocp.args.Composite(
@@ -58,9 +60,21 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
     except Exception as e:  # noqa: BLE001 - any read failure means: use an older step
       log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the one before",
                   step, mngr.directory, type(e).__name__, str(e).splitlines()[0][:200])
+      unreadable.append(step)
       continue
-    return step, got["state"], got["meta"]
-  return None
+    found = step, got["state"], got["meta"]
+    break
+  if unreadable and found is not None:
+    # Kept for inspection under another name, out of the way of the steps to come.
+    if jax.process_index() == 0:
+      for step in unreadable:
+        src = pathlib.Path(mngr.directory) / str(step)
+        dst = src.with_name(f"{step}.unreadable")
+        shutil.rmtree(dst, ignore_errors=True)
+        src.rename(dst)
+        log.warning("moved the unreadable step %d to %s", step, dst)
+    mngr.reload()
+  return found
 
 
 def _step_dirs(checkpoints: pathlib.Path) -> list[pathlib.Path]:

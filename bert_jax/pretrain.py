@@ -185,9 +185,10 @@ def initial_state(s: Setup, config: ml_collections.ConfigDict, mngr
     return state, meta
   state = train_step.jit_create_state(s.mesh, s.model, s.tx, config.train.seed, seq, preds)
   if config.train.init_from:
-    from bert_jax.convert import check_params
+    from bert_jax.convert import check_params, complete_params
     init_config, params = checkpoint.load_model(config.train.init_from)
     check_params(s.bert, params)
+    params = complete_params(s.bert, params)  # heads absent from an encoder-only export
     log.info("initialising from %s (%s)", config.train.init_from, init_config)
     params = sharding.put_replicated(params, s.mesh)
     state = state.replace(params=params, opt_state=jax.jit(

@@ -34,8 +34,9 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     if os.environ.get("JAX_NUM_PROCESSES"):
       num_processes = int(os.environ["JAX_NUM_PROCESSES"])
       process_id = int(os.environ["JAX_PROCESS_ID"])
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Collectives between CPU processes (affects only the CPU client; asking which backend is the
+  # default here would start it, and initialize() must come first).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator, num_processes, process_id)
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())

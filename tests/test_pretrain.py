@@ -1,0 +1,174 @@
+"""End-to-end pretraining: a smoke run, exact resume after SIGKILL, a truncated checkpoint, a
+non-finite loss, bad configurations, and multi-host (2 processes x 2 devices vs 1 x 4)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from bert_jax.data import pretraining
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A small, fast model and run: hidden 32, 2 layers, seq 64.
+OVERRIDES = {
+    "model.variant": "tiny", "model.hidden_dropout": 0.1, "train.batch_size": 8,
+    "train.steps": 6, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 2,
+    "train.checkpoint_every": 3, "train.warmup_steps": 2, "train.progress_bar": False,
+    "data.max_seq_length": 64, "data.max_predictions_per_seq": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """A tokenizer and prepared instances from the bundled corpus (made once per module)."""
+  from bert_jax import tokenizer
+  d = tmp_path_factory.mktemp("prepared")
+  corpus = d / "corpus.txt"
+  text = pathlib.Path(pretraining.default_corpus_path()).read_text(encoding="utf-8")
+  corpus.write_text(text[:300_000], encoding="utf-8")
+  tok = tokenizer.train_sentencepiece([str(corpus)], 1000, str(d / "tok"))
+  pretraining.create_pretraining_data([str(corpus)], tok, str(d / "data"), max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1,
+                                      eval_fraction=0.1, seed=1)
+  return {"data.tokenizer": tok, "data.data_dir": str(d / "data")}
+
+
+def _config(prepared, **overrides):
+  sys.path.insert(0, str(ROOT))
+  from configs import pretrain as pretrain_config
+  c = pretrain_config.get_config("tiny")
+  for key, value in {**OVERRIDES, **prepared, **overrides}.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def _script(config, workdir) -> str:
+  return textwrap.dedent(f"""
+      import ml_collections, json
+      from bert_jax import cli, pretrain
+      config = ml_collections.ConfigDict(json.loads({config.to_json()!r}))
+      cli.run(pretrain.main, config, {str(workdir)!r})
+  """)
+
+
+def _spawn(config, workdir, devices=1, env=None) -> subprocess.Popen:
+  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.Popen([sys.executable, "-c", _script(config, workdir)], cwd=ROOT,
+                          env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _run(config, workdir, devices=1) -> str:
+  p = _spawn(config, workdir, devices)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  return out
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Last logged train loss per step (a resumed run logs some steps twice)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    if r["split"] == "train":
+      out[r["step"]] = r["loss"]
+  return out
+
+
+def test_smoke_run_logs_checkpoints_and_evaluates(prepared, tmp_path):
+  from bert_jax import pretrain
+  result = pretrain.main(_config(prepared, **{"train.steps": 2, "train.checkpoint_every": 1}),
+                         tmp_path)
+  assert {"loss", "mlm_accuracy", "nsp_accuracy", "tokens_per_s", "eval_loss"} <= set(result)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+      "1", "2"]
+  assert set(_losses(tmp_path)) == {1, 2}
+  assert list((tmp_path / "tensorboard" / "train").iterdir())
+
+
+def test_resume_after_sigkill_is_exact(prepared, tmp_path):
+  config = _config(prepared, **{"train.steps": 40, "train.checkpoint_every": 5})
+  _run(config, tmp_path / "straight")
+  reference = _losses(tmp_path / "straight")
+
+  killed = tmp_path / "killed"
+  p = _spawn(config, killed)
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None:
+    if (killed / "metrics.jsonl").exists() and max(_losses(killed) or [0]) >= 7:
+      break
+    time.sleep(0.01)
+  assert p.poll() is None, "the run ended before it could be killed: " + p.communicate()[0]
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  first_pass = _losses(killed)
+  assert max(first_pass) < 40
+  out = _run(config, killed)
+  assert "resuming from step" in out
+  resumed = _losses(killed)
+  assert sorted(resumed) == list(range(1, 41))
+  assert resumed == reference  # bitwise: floats parsed from the same printed digits
+
+
+def test_truncated_newest_checkpoint_falls_back(prepared, tmp_path):
+  _run(_config(prepared), tmp_path)  # checkpoints at 3 and 6
+  newest = tmp_path / "checkpoints" / "6" / "state"
+  files = sorted((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+  files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
+  out = _run(_config(prepared, **{"train.steps": 8}), tmp_path)
+  assert "checkpoint step 6" in out and "unreadable" in out
+  assert "resuming from step 3" in out
+
+
+def test_non_finite_loss_stops_with_the_step(prepared, tmp_path):
+  config = _config(prepared, **{"train.learning_rate": 1e9, "train.max_grad_norm": 0.0,
+                                "train.steps": 30, "train.checkpoint_every": 1,
+                                "train.warmup_steps": 0})
+  p = _spawn(config, tmp_path)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 3, out
+  assert "error: step " in out and "loss is" in out
+  bad_step = int(out.split("error: step ")[1].split(":")[0])
+  saved = [int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit()]
+  assert max(saved) < bad_step
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.batch_size": 12}, "not divisible by the 8 devices"),
+    ({"data.max_seq_length": 64, "model.max_position_embeddings": 32}, "exceeds the position"),
+    ({"model.vocab_size": 1234}, "but the tokenizer has 1000"),
+    ({"data.data_dir": "/nonexistent/data"}, "has no manifest.json"),
+])
+def test_bad_configuration_is_refused(prepared, tmp_path, overrides, message):
+  from bert_jax import pretrain
+  with pytest.raises(pretrain.ConfigError, match=message):
+    pretrain.main(_config(prepared, **{"train.num_devices": 8, **overrides}), tmp_path)
+
+
+def _spawn_process(config, workdir, index, port):
+  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": str(index)}
+  return _spawn(config, workdir, devices=2, env=env)
+
+
+def test_two_processes_match_one(prepared, tmp_path):
+  import portpicker
+  for steps in (2, 4):  # each writes a checkpoint at 2, then resumes from it to 4
+    config = _config(prepared, **{"train.steps": steps, "train.checkpoint_every": 2})
+    _run(config, tmp_path / "one", devices=4)
+    port = portpicker.pick_unused_port()
+    procs = [_spawn_process(config, tmp_path / "two", i, port) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+  assert "resuming from step 2" in outs[0]
+  assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+  assert sorted(_losses(tmp_path / "two")) == [1, 2, 3, 4]
