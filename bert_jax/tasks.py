@@ -1,0 +1,197 @@
+"""Fine-tuning tasks: what finetune.py needs to know about each (features, model, loss,
+evaluation, output files). The loop itself lives in bert_jax.finetune.
+
+A task gives:
+  num_train_features(), train_features(), eval_features() -> dicts of numpy arrays
+  model(bert_config) -> a Flax module called as (input_ids, segment_ids, input_mask, deterministic)
+  loss(outputs, batch) -> (mean loss, metrics), traced inside the jitted step
+  evaluate(outputs) -> (results {name: float}, files {file name: JSON object})
+  predict_features() / predictions(outputs) for an optional unlabelled file
+  default_metric: the result that picks the best checkpoint
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bert_jax import squad_eval
+from bert_jax.data import classification, squad
+from bert_jax.heads import BertForQuestionAnswering, BertForSequenceClassification
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids")
+
+
+def _inputs(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: features[k] for k in MODEL_INPUTS}
+
+
+def _column(value: Any) -> int | str | None:
+  """A config column: "" -> None, digits -> 0-based index, else a header name / JSON key."""
+  value = str(value).strip()
+  if not value:
+    return None
+  return int(value) if value.isdigit() else value
+
+
+class ClassificationTask:
+  """Single sentences or pairs, labels from the training file or given; regression."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tok):
+    d = config.data
+    self.tok, self.max_seq_length, self.regression = tok, d.max_seq_length, d.regression
+    self._read = functools.partial(
+        classification.read_examples, text_a=_column(d.text_a), text_b=_column(d.text_b),
+        fmt=d.format or None, header=None if d.header < 0 else bool(d.header),
+        regression=d.regression)
+    given = [x.strip() for x in d.labels.split(",")] if d.labels else None
+    self.train_examples, self.labels = self._read(d.train_file, label=_column(d.label),
+                                                  labels=given)
+    self.num_labels = 1 if d.regression else len(self.labels)
+    if not d.regression and self.num_labels < 2:
+      raise classification.DataError(f"{d.train_file}: one label only ({self.labels}); "
+                                     "classification needs at least two")
+    self.eval_examples = (self._read(d.eval_file, label=_column(d.label), labels=self.labels)[0]
+                          if d.eval_file else None)
+    self.predict_examples = (self._read(d.predict_file, label=None, labels=self.labels,
+                                        id_column=_column(d.get("id_column", "")))[0]
+                             if d.get("predict_file") else None)
+    self.default_metric = "pearson" if d.regression else "accuracy"
+    log.info("classification: %d training examples, labels %s", len(self.train_examples),
+             self.labels or "(regression)")
+
+  def _features(self, examples) -> dict[str, np.ndarray]:
+    return classification.convert_examples(examples, self.tok, self.max_seq_length,
+                                           self.labels, self.regression)
+
+  @functools.cached_property
+  def _train(self) -> dict[str, np.ndarray]:
+    f = self._features(self.train_examples)
+    return {**_inputs(f), "label": f["label"]}
+
+  def num_train_features(self) -> int:
+    return len(self.train_examples)
+
+  def train_features(self) -> dict[str, np.ndarray]:
+    return self._train
+
+  @functools.cached_property
+  def _eval(self) -> dict[str, np.ndarray]:
+    return self._features(self.eval_examples)
+
+  def eval_features(self) -> dict[str, np.ndarray]:
+    return _inputs(self._eval)
+
+  def predict_features(self) -> dict[str, np.ndarray]:
+    return _inputs(self._features(self.predict_examples))
+
+  def model(self, bert):
+    return BertForSequenceClassification(bert, self.num_labels)
+
+  def loss(self, outputs, batch):
+    logits = outputs["logits"]
+    if self.regression:
+      loss = jnp.mean((logits[:, 0] - batch["label"]) ** 2)
+      return loss, {}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+  def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
+    return classification.compute_metrics(outputs["logits"], self._eval["label"],
+                                           self.regression, self.num_labels), {}
+
+  def predictions(self, outputs) -> dict[str, Any]:
+    logits = np.asarray(outputs["logits"])
+    if self.regression:
+      rows = [{"id": ex.guid, "prediction": float(v)}
+              for ex, v in zip(self.predict_examples, logits[:, 0], strict=True)]
+    else:
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      rows = [{"id": ex.guid, "label": self.labels[int(p.argmax())],
+               "probabilities": dict(zip(self.labels, map(float, p), strict=True))}
+              for ex, p in zip(self.predict_examples, probs, strict=True)]
+    return {"predictions.json": rows}
+
+
+class SquadTask:
+  """SQuAD v1.1 / v2.0: question + passage windows, start/end logits, n-best span decoding."""
+
+  default_metric = "f1"
+
+  def __init__(self, config: ml_collections.ConfigDict, tok):
+    d = config.data
+    self.tok, self.data = tok, d
+    self.train_examples = squad.read_squad(d.train_file)
+    self.eval_examples = squad.read_squad(d.eval_file) if d.eval_file else None
+    self.eval_json = squad.load_json(d.eval_file) if d.eval_file else None
+    self.version_2 = bool(self.eval_json and squad_eval.is_v2(self.eval_json))
+    counts = squad.answer_counts(self.train_examples)
+    log.info("squad: %d training questions (%s)", len(self.train_examples), counts)
+
+  def _convert(self, examples, is_training):
+    d = self.data
+    return squad.convert_examples(examples, self.tok, d.max_seq_length, d.doc_stride,
+                                  d.max_query_length, is_training=is_training)
+
+  @functools.cached_property
+  def _train(self) -> dict[str, np.ndarray]:
+    return self._convert(self.train_examples, True)[0]
+
+  def num_train_features(self) -> int:
+    return len(self._train["input_ids"])
+
+  def train_features(self) -> dict[str, np.ndarray]:
+    return self._train
+
+  @functools.cached_property
+  def _eval(self):
+    return self._convert(self.eval_examples, False)
+
+  def eval_features(self) -> dict[str, np.ndarray]:
+    return _inputs(self._eval[0])
+
+  def model(self, bert):
+    return BertForQuestionAnswering(bert)
+
+  def loss(self, outputs, batch):
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    start, end = outputs["start_logits"], outputs["end_logits"]
+    loss = (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean())
+    return loss / 2, {
+        "start_accuracy": jnp.mean(jnp.argmax(start, -1) == batch["start_positions"]),
+        "end_accuracy": jnp.mean(jnp.argmax(end, -1) == batch["end_positions"])}
+
+  def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
+    d = self.data
+    decoded = squad_eval.decode(self.eval_examples, self._eval[1], outputs["start_logits"],
+                                outputs["end_logits"], n_best_size=d.n_best_size,
+                                max_answer_length=d.max_answer_length, version_2=self.version_2,
+                                null_score_diff_threshold=d.null_score_diff_threshold)
+    scores = squad_eval.evaluate(self.eval_json, decoded["predictions"],
+                                 decoded.get("null_odds") if self.version_2 else None)
+    results = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+    files = {"predictions.json": decoded["predictions"],
+             "nbest_predictions.json": decoded["nbest_predictions"]}
+    if self.version_2:
+      files["null_odds.json"] = decoded["null_odds"]
+    return results, files
+
+
+TASKS = {"classification": ClassificationTask, "squad": SquadTask}
+
+
+def make(config: ml_collections.ConfigDict, tok):
+  if config.task not in TASKS:
+    raise ValueError(f"task {config.task!r}: expected one of {sorted(TASKS)}")
+  if not config.data.train_file:
+    raise ValueError("data.train_file is required")
+  return TASKS[config.task](config, tok)
