@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 def model_dir(tmp_path_factory):
   """An exported tiny model of ours (random weights) with its SentencePiece tokenizer."""
   import jax
+
   from bert_jax.config import get_variant
   from bert_jax.heads import BertForPreTraining
   d = tmp_path_factory.mktemp("model")
@@ -87,7 +88,7 @@ def test_classification_smoke_and_resume(model_dir, tmp_path):
 
 def test_regression_and_pairs(model_dir, tmp_path):
   from bert_jax import finetune
-  rows = [f"{a}\t{b}\t{i * 0.5}" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[::-1]))]
+  rows = [f"{a}\t{b}\t{i * 0.5}" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[::-1], strict=False))]
   train = _tsv(tmp_path / "sts.tsv", rows * 3, header="s1\ts2\tscore")
   config = _classify_config(model_dir, tmp_path, **{
       "data.train_file": str(train), "data.eval_file": str(train), "data.text_a": "s1",
@@ -149,8 +150,9 @@ def test_squad_smoke(model_dir, tmp_path, version):
 def test_from_hugging_face_weights(tmp_path):
   transformers = pytest.importorskip("transformers", reason="transformers makes the HF model")
   pytest.importorskip("torch", reason="transformers needs torch to save a model")
-  from bert_jax import finetune
   from tokenizers import BertWordPieceTokenizer
+
+  from bert_jax import finetune
   hf = tmp_path / "hf"
   trainer = BertWordPieceTokenizer(lowercase=True)
   trainer.train_from_iterator(SENTENCES * 5, vocab_size=120, min_frequency=1)
