@@ -88,7 +88,8 @@ def test_classification_smoke_and_resume(model_dir, tmp_path):
 
 def test_regression_and_pairs(model_dir, tmp_path):
   from bert_jax import finetune
-  rows = [f"{a}\t{b}\t{i * 0.5}" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[::-1], strict=False))]
+  pairs = zip(SENTENCES, SENTENCES[::-1], strict=True)
+  rows = [f"{a}\t{b}\t{i * 0.5}" for i, (a, b) in enumerate(pairs)]
   train = _tsv(tmp_path / "sts.tsv", rows * 3, header="s1\ts2\tscore")
   config = _classify_config(model_dir, tmp_path, **{
       "data.train_file": str(train), "data.eval_file": str(train), "data.text_a": "s1",
