@@ -1,0 +1,354 @@
+"""Step-throughput benchmark: the real pretraining step on synthetic batches built once on device.
+
+  python -m bert_jax.bench --variant mini --batch_size 32 --seq_len 128
+  python -m bert_jax.bench --variant tiny,mini --batch_size 8,32 --json -        # JSON lines
+  python -m bert_jax.bench --variant mini --batch_size 32 --against hf-torch --pairs 5
+
+Comma-separated --variant/--batch_size/--seq_len/--dtype/--remat/--grad_accum/--devices values
+run every combination. MFU is analytic model FLOPs per second over a peak: on CPU the peak is a
+float32 matmul measured in the same run; on TPU/GPU the published dense bf16 peak of the chip.
+On CPU, --devices above 1 needs XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax import optim, sharding, train_step
+from bert_jax.config import VARIANTS, BertConfig, get_variant
+from bert_jax.heads import BertForPreTraining
+
+# Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
+PUBLISHED_PEAKS: tuple[tuple[str, float], ...] = (
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
+    ("a100", 312e12), ("h200", 989e12), ("h100", 989e12),
+)
+
+
+def default_max_predictions(seq_len: int) -> int:
+  """ceil(0.15 * seq_len): 20 at 128 (BERT's value), 77 at 512; integer arithmetic."""
+  return -(-15 * seq_len // 100)
+
+
+def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_size: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A pretraining batch of the documented keys (train_step.py): lengths in [0.8 T, T] (some
+  padding), round(0.15 * length) predictions per row (at most max_predictions), rest weight 0."""
+  rng = np.random.default_rng(seed)
+  B, T, P = batch_size, seq_len, max_predictions
+  lengths = rng.integers(max(int(0.8 * T), min(T, 3)), T + 1, B)
+  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+  pos, weights = np.zeros((B, P), np.int32), np.zeros((B, P), np.float32)
+  for b, n in enumerate(lengths):
+    k = min(P, max(1, round(0.15 * n)), n - 2)
+    pos[b, :k] = np.sort(rng.choice(np.arange(1, n - 1), k, replace=False))
+    weights[b, :k] = 1.0
+  ids = rng.integers(1, vocab_size, (B, P))
+  return {"input_ids": (rng.integers(1, vocab_size, (B, T)) * mask).astype(np.int32),
+          "input_mask": mask,
+          "segment_ids": ((np.arange(T)[None] >= lengths[:, None] // 2) * mask).astype(np.int32),
+          "masked_lm_positions": pos,
+          "masked_lm_ids": (ids * (weights > 0)).astype(np.int32),
+          "masked_lm_weights": weights,
+          "next_sentence_labels": rng.integers(0, 2, B).astype(np.int32)}
+
+
+def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
+                   max_predictions: int) -> int:
+  """Useful matmul FLOPs of one training step (3x forward): encoder projections and FFN per
+  token, attention scores and context per sequence, MLM head at the masked slots only, pooler
+  and NSP per sequence. Embedding gathers, biases, norms and the optimizer are not counted."""
+  D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+  T, P = seq_len, max_predictions
+  layer = 2 * T * (4 * D * D + 2 * D * F) + 2 * 2 * T * T * D
+  mlm = 2 * P * (D * D + D * V)
+  pooler_nsp = 2 * (D * D + D * 2)
+  return 3 * batch_size * (config.num_layers * layer + mlm + pooler_nsp)
+
+
+def published_peak(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  return next((peak for key, peak in PUBLISHED_PEAKS if key in kind), None)
+
+
+class MatmulPeak:
+  """FLOP/s of a jitted float32 [n, n] @ [n, n] on every device of a mesh at once. Each probe
+  keeps the best rate seen: on a shared machine, probing before, between and after the timed
+  steps finds the sustained peak more reliably than one burst."""
+
+  def __init__(self, mesh, n: int = 2048):
+    spec = sharding.batch_sharded(mesh)
+    a, b = (jax.device_put(jax.random.normal(k, (mesh.devices.size, n, n), jnp.float32), spec)
+            for k in jax.random.split(jax.random.PRNGKey(0), 2))
+    matmul = jax.jit(jnp.matmul, out_shardings=spec)
+    self._flops = 2 * n**3 * mesh.devices.size
+    self._run = lambda: jax.block_until_ready(matmul(a, b))
+    self._run()
+    self.best = 0.0
+
+  def probe(self, repeats: int = 3) -> float:
+    for _ in range(repeats):
+      start = time.perf_counter()
+      self._run()
+      self.best = max(self.best, self._flops / (time.perf_counter() - start))
+    return self.best
+
+
+@functools.cache
+def _matmul_peak(num_devices: int) -> MatmulPeak:
+  return MatmulPeak(sharding.make_mesh(num_devices))
+
+
+def peak_flops(mesh, override: float | None) -> tuple[Callable[[], float], str]:
+  """(a function giving the peak FLOP/s of the mesh, where the number comes from). On CPU each
+  call probes the matmul again and returns the best rate of the run so far."""
+  n = mesh.devices.size
+  if override:
+    return lambda: override, "flag"
+  kind = mesh.devices.flat[0].device_kind
+  if jax.default_backend() != "cpu":
+    peak = published_peak(kind)
+    if peak is None:
+      raise ValueError(f"no published peak for device kind {kind!r}: pass --peak_flops")
+    return lambda: peak * n, f"published bf16 peak of {kind}"
+  return _matmul_peak(n).probe, "measured f32 2048^3 matmul, best of the run"
+
+
+def peak_memory(mesh) -> tuple[int, str]:
+  """(bytes, source): the largest device peak_bytes_in_use, else the process's peak RSS."""
+  stats = [d.memory_stats() for d in mesh.devices.flat]
+  if all(s and "peak_bytes_in_use" in s for s in stats):
+    return max(s["peak_bytes_in_use"] for s in stats), "device"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+class OursRunner:
+  """Builds state and batch once, compiles, then times steps (blocking on the loss only)."""
+
+  def __init__(self, config: BertConfig, mesh, batch: dict[str, np.ndarray], optimizer: str,
+               grad_accum: int):
+    seq_len, preds = batch["input_ids"].shape[1], batch["masked_lm_ids"].shape[1]
+    model = BertForPreTraining(config)
+    schedule = optim.learning_rate_schedule(1e-4, 10_000, 1_000_000)
+    tx = optim.make_optimizer(optimizer, schedule)
+    self.state = train_step.jit_create_state(mesh, model, tx, 0, seq_len, preds)
+    self.batch = sharding.global_batch(batch, mesh)
+    self.step = train_step.jit_pretraining_step(mesh, model=model, tx=tx, schedule=schedule,
+                                                grad_accum=grad_accum)
+    start = time.perf_counter()
+    compiled = self.step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.xla_flops = _xla_flops(compiled)
+
+  def run(self, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def _xla_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = cost.get("flops") if cost else None
+  return float(flops) if flops and flops > 0 else None
+
+
+class HFTorchRunner:
+  """Hugging Face BertForPreTraining, PyTorch eager float32, train mode, AdamW, same batch; MLM
+  labels are -100 except at the masked positions, so the loss covers the same predictions."""
+
+  def __init__(self, config: BertConfig, batch: dict[str, np.ndarray]):
+    try:
+      import torch
+      import transformers
+    except ImportError as e:
+      raise ValueError(f"--against hf-torch needs torch and transformers ({e}); "
+                       "install them with: pip install torch transformers") from e
+    self.torch = torch
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(0)
+    hf = transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, hidden_act="gelu",
+        hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps)
+    self.model = transformers.BertForPreTraining(hf).train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
+    labels = np.full(batch["input_ids"].shape, -100, np.int64)
+    rows, cols = np.nonzero(batch["masked_lm_weights"])
+    labels[rows, batch["masked_lm_positions"][rows, cols]] = batch["masked_lm_ids"][rows, cols]
+    as_long = lambda x: torch.from_numpy(np.asarray(x, np.int64))
+    self.inputs = {"input_ids": as_long(batch["input_ids"]),
+                   "attention_mask": as_long(batch["input_mask"]),
+                   "token_type_ids": as_long(batch["segment_ids"]),
+                   "labels": as_long(labels),
+                   "next_sentence_label": as_long(batch["next_sentence_labels"])}
+
+  def run(self, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.opt.zero_grad(set_to_none=True)
+      loss = self.model(**self.inputs).loss
+      loss.backward()
+      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+      self.opt.step()
+      loss.item()
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def _step_stats(times: list[float], tokens: int, sequences: int) -> dict[str, float]:
+  median = statistics.median(times)
+  return {"step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+          "sequences_per_s": sequences / median, "tokens_per_s": tokens / median}
+
+
+def _compare(ours: OursRunner, theirs: HFTorchRunner, opts: argparse.Namespace, tokens: int,
+             probe_peak: Callable[[], float]) -> dict[str, Any]:
+  """A B A B ...: --pairs rounds of --steps steps each; tokens/s ratio per round."""
+  theirs.run(max(opts.warmup, 1))
+  our_times, hf_times, ratios = [], [], []
+  for _ in range(opts.pairs):
+    a, b = ours.run(opts.steps), theirs.run(opts.steps)
+    probe_peak()
+    our_times += a
+    hf_times += b
+    ratios.append(statistics.median(b) / statistics.median(a))
+  return {"our_step_times": our_times, "against": "hf-torch",
+          "hf_tokens_per_s": tokens / statistics.median(hf_times),
+          "hf_step_s_median": statistics.median(hf_times),
+          "ratios": ratios, "ratio_median": statistics.median(ratios)}
+
+
+def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: int, dtype: str,
+              remat: bool, grad_accum: int, devices: int) -> dict[str, Any]:
+  """Compiles and times one configuration; returns its record."""
+  if batch_size % (devices * grad_accum):
+    raise ValueError(f"batch_size {batch_size} must be divisible by devices * grad_accum = "
+                     f"{devices} * {grad_accum}")
+  config = get_variant(variant, dtype=dtype, remat=remat, attention=opts.attention)
+  preds = opts.max_predictions or default_max_predictions(seq_len)
+  mesh = sharding.make_mesh(devices)
+  probe_peak, peak_source = peak_flops(mesh, opts.peak_flops)
+  probe_peak()
+  batch = synthetic_batch(batch_size, seq_len, preds, config.vocab_size)
+  ours = OursRunner(config, mesh, batch, opts.optimizer, grad_accum)
+  ours.run(opts.warmup)
+  tokens = batch_size * seq_len
+  if opts.against:
+    extra = _compare(ours, HFTorchRunner(config, batch), opts, tokens, probe_peak)
+    times = extra.pop("our_step_times")
+  else:
+    extra, times = {}, ours.run(opts.steps)
+  peak = probe_peak()
+  flops = analytic_flops(config, batch_size, seq_len, preds)
+  stats = _step_stats(times, tokens, batch_size)
+  memory, memory_source = peak_memory(mesh)
+  achieved = flops / stats["step_s_median"]
+  return {"variant": variant, "batch_size": batch_size, "seq_len": seq_len,
+          "max_predictions": preds, "dtype": dtype, "remat": remat, "grad_accum": grad_accum,
+          "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
+          "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
+          "compile_s": ours.compile_s, "steps": len(times), **stats,
+          "flops_per_step_analytic": flops, "flops_per_step_xla": ours.xla_flops,
+          "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": peak_source,
+          "mfu": achieved / peak, "mfu_fastest_step": flops / stats["step_s_min"] / peak,
+          "peak_memory_bytes": memory,
+          "peak_memory_source": memory_source, "compiles": ours.step._cache_size(), **extra}
+
+
+_COLUMNS = (("variant", "{}"), ("batch_size", "{}"), ("seq_len", "{}"), ("dtype", "{}"),
+            ("remat", "{}"), ("grad_accum", "{}"), ("devices", "{}"), ("compile_s", "{:.1f}"),
+            ("step_s_median", "{:.4f}"), ("sequences_per_s", "{:.1f}"),
+            ("tokens_per_s", "{:.0f}"), ("mfu", "{:.1%}"), ("peak_memory_bytes", "{:.3g}"),
+            ("hf_tokens_per_s", "{:.0f}"), ("ratio_median", "{:.2f}"))
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+  cols = [(k, f) for k, f in _COLUMNS if any(k in r for r in records)]
+  rows = [[k for k, _ in cols]]
+  rows += [[f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols] for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def _csv(kind):
+  return lambda text: [kind(v) for v in text.split(",")]
+
+
+def _bool(text: str) -> bool:
+  if text.lower() not in ("0", "1", "false", "true", "no", "yes"):
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+  return text.lower() in ("1", "true", "yes")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m bert_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", type=_csv(str), default=["mini"], help=f"of {list(VARIANTS)}")
+  p.add_argument("--batch_size", type=_csv(int), default=[32], help="global batch size")
+  p.add_argument("--seq_len", type=_csv(int), default=[128])
+  p.add_argument("--max_predictions", type=int, default=0, help="0: ceil(0.15 * seq_len)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (per round with --against)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--dtype", type=_csv(str), default=["float32"], help="compute dtype")
+  p.add_argument("--remat", type=_csv(_bool), default=[False])
+  p.add_argument("--devices", type=_csv(int), default=None, help="default: all devices")
+  p.add_argument("--grad_accum", type=_csv(int), default=[1])
+  p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
+  p.add_argument("--attention", choices=("einsum", "dot_product"), default="einsum")
+  p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
+  p.add_argument("--json", default=None, help="write JSON lines to this file ('-': stdout)")
+  p.add_argument("--against", choices=("hf-torch",), default=None)
+  p.add_argument("--pairs", type=int, default=3, help="A/B rounds with --against")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  """Runs every combination of the comma-separated flags; prints a table; returns the records."""
+  opts = parse_args(argv)
+  devices = opts.devices or [jax.device_count()]
+  out = None if not opts.json else sys.stdout if opts.json == "-" else open(opts.json, "w")
+  records = []
+  try:
+    for combo in itertools.product(opts.variant, opts.batch_size, opts.seq_len, opts.dtype,
+                                   opts.remat, opts.grad_accum, devices):
+      records.append(bench_one(opts, *combo))
+      if out:
+        print(json.dumps(records[-1]), file=out, flush=True)
+  finally:
+    if out and out is not sys.stdout:
+      out.close()
+  print(format_table(records), file=sys.stderr if out is sys.stdout else sys.stdout)
+  return records
+
+
+if __name__ == "__main__":
+  from bert_jax import cli
+  cli.run(main)
