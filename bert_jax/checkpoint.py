@@ -12,13 +12,13 @@ import json
 import logging
 import pathlib
 import shutil
-import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from bert_jax.config import BertConfig
+from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +117,11 @@ def save_model(directory: str | pathlib.Path, config: BertConfig, params: Any,
   """Writes config.json + params/ (+ the tokenizer file) to `directory`, atomically: a
   failure leaves an existing directory untouched."""
   directory = pathlib.Path(directory).absolute()
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
+  with replacing_dir(directory) as tmp:
     (tmp / "config.json").write_text(config.to_json())
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / "params", jax.device_get(params))
     ckptr.wait_until_finished()
     if tokenizer_path is not None:
       shutil.copy2(tokenizer_path, tmp / pathlib.Path(tokenizer_path).name)
-    if directory.exists():
-      old = directory.with_name(directory.name + ".old")
-      shutil.rmtree(old, ignore_errors=True)
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return directory

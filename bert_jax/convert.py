@@ -14,15 +14,13 @@ query/key/value [D, N, H], output [N, H, D].
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import pathlib
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from bert_jax.config import BertConfig
+from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -406,27 +405,6 @@ def _hf_tensors(config: BertConfig, flat: Mapping[tuple[str, ...], Any]
   return tensors
 
 
-@contextlib.contextmanager
-def _replacing(directory: pathlib.Path) -> Iterator[pathlib.Path]:
-  """Yields a temporary sibling of `directory` to write into, then swaps it in; an exception
-  leaves an existing `directory` untouched."""
-  directory = directory.absolute()
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
-    yield tmp
-    if directory.exists():
-      old = directory.with_name(directory.name + ".old")
-      shutil.rmtree(old, ignore_errors=True)
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.Path,
           tokenizer_path: str | pathlib.Path | None = None) -> pathlib.Path:
   """Writes config.json + model.safetensors (+ the tokenizer file) for
@@ -437,7 +415,7 @@ def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.
   from safetensors.numpy import save_file
   check_params(config, params)
   tensors = _hf_tensors(config, traverse_util.flatten_dict(complete_params(config, params)))
-  with _replacing(pathlib.Path(out_dir)) as tmp:
+  with replacing_dir(out_dir) as tmp:
     (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     if tokenizer_path is not None:

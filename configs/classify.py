@@ -11,15 +11,11 @@ The argument `tiny` shrinks the run for smoke tests.
 
 import ml_collections
 
+from configs import finetune_common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = "classification"  # which fine-tuning task (classification or squad)
-  c.init_from = ""  # our pretraining workdir / model dir, or a Hugging Face BERT dir ("" = random)
-  c.model_variant = "tiny"  # size used only when init_from is "" (random initialisation)
-  c.tokenizer = ""  # tokenizer file; "" = the one inside init_from
-
-  c.data = ml_collections.ConfigDict()
+  c = finetune_common.base("classification", epochs=3, learning_rate=2e-5)
   c.data.train_file = ""  # training examples (.tsv, .csv or .jsonl)
   c.data.eval_file = ""  # evaluated every epoch; "" = no evaluation
   c.data.predict_file = ""  # optional: unlabelled examples to predict after training
@@ -32,28 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.labels = ""  # comma-separated label set; "" = inferred from the training file
   c.data.regression = False  # float labels, one output, mean-squared error
   c.data.max_seq_length = 128  # tokens per example, [CLS] A [SEP] (B [SEP]) + padding
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # global batch
-  c.train.eval_batch_size = 64  # global batch for evaluation and prediction
-  c.train.epochs = 3  # passes over the training set
-  c.train.max_steps = 0  # stop after this many updates (0 = epochs decide)
-  c.train.learning_rate = 2e-5  # peak learning rate (AdamW)
-  c.train.warmup_fraction = 0.1  # share of updates spent warming up linearly
-  c.train.weight_decay = 0.01  # not on LayerNorm and biases
-  c.train.max_grad_norm = 1.0  # global gradient-norm clipping
-  c.train.dropout = 0.1  # hidden and attention dropout while fine-tuning
-  c.train.seed = 0  # head init, dropout and shuffling
-  c.train.num_devices = 0  # 0 = all devices
-  c.train.log_every = 20  # steps between metric records
-  c.train.keep_checkpoints = 2  # resumable checkpoints kept
-  c.train.progress_bar = True  # tqdm bar on the terminal
-  c.train.metric = ""  # metric that picks the best checkpoint ("" = accuracy, or pearson)
+  c.train.metric = ""  # picks the best checkpoint ("" = accuracy; pearson for regression)
 
   if arg == "tiny":
-    c.train.batch_size = 8
-    c.train.eval_batch_size = 8
-    c.train.epochs = 1
-    c.train.max_steps = 2
+    finetune_common.shrink(c)
     c.data.max_seq_length = 32
   return c

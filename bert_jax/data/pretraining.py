@@ -46,6 +46,7 @@ import numpy as np
 
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, iter_lines
+from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -411,15 +412,6 @@ def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
   return {"train": np.sort(perm[n_eval:]), "eval": np.sort(perm[:n_eval])}
 
 
-def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Replaces `out` by `tmp` so that a reader sees the old or the new directory, never a mix."""
-  old = out.with_name(f".{out.name}.old-{os.getpid()}")
-  if out.exists():
-    os.rename(out, old)
-  os.rename(tmp, out)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer_path: str,
                             output_dir: str | pathlib.Path, *, max_seq_length: int = 128,
                             max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15,
@@ -443,10 +435,8 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
     workers = max(1, min(os.cpu_count() or 1, size // (4 << 20)))
   out = pathlib.Path(output_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  (tmp / "corpus").mkdir(parents=True)
-  try:
+  with replacing_dir(out) as tmp:
+    (tmp / "corpus").mkdir()
     corpus = tokenize_corpus(files, str(tok.path), tmp / "corpus", workers)
     np.savez(tmp / "corpus" / "boundaries.npz", sentence_starts=corpus.sentence_starts,
              doc_starts=corpus.doc_starts)
@@ -496,10 +486,6 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
     }
     del corpus
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _swap_into_place(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   log.info("%s: %d instances (%s) in %.1f s, %.0f instances/s", out, total,
            ", ".join(f"{k} {v['num_instances']}" for k, v in splits.items()), seconds,
            total / seconds)
