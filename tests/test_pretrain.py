@@ -95,6 +95,22 @@ def test_smoke_run_logs_checkpoints_and_evaluates(prepared, tmp_path):
   assert list((tmp_path / "tensorboard" / "train").iterdir())
 
 
+def test_phase_two_starts_from_phase_one(prepared, tmp_path, caplog):
+  from bert_jax import checkpoint, pretrain
+  pretrain.main(_config(prepared, **{"train.steps": 2}), tmp_path / "p1")
+  _, phase1 = checkpoint.load_model(tmp_path / "p1")
+  caplog.set_level("INFO")
+  pretrain.main(_config(prepared, **{"train.steps": 1, "train.init_from": str(tmp_path / "p1"),
+                                     "train.learning_rate": 0.0}), tmp_path / "p2")
+  assert "initialising from" in caplog.text
+  _, phase2 = checkpoint.load_model(tmp_path / "p2")
+  # A zero learning rate: phase 2 holds exactly the phase-1 weights it started from.
+  import jax
+  import numpy as np
+  for a, b in zip(jax.tree.leaves(phase1), jax.tree.leaves(phase2), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_resume_after_sigkill_is_exact(prepared, tmp_path):
   config = _config(prepared, **{"train.steps": 40, "train.checkpoint_every": 5})
   _run(config, tmp_path / "straight")
