@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 
-# The files a Hugging Face or bert_jax directory may keep its tokenizer in, in order of preference.
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.model")
 
 # Hugging Face config.json field -> BertConfig field.
 _CONFIG_FIELDS = {
@@ -426,35 +424,27 @@ def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.
 # ----------------------------------------------------------------------------- command line
 
 
-def find_tokenizer_file(directory: pathlib.Path) -> pathlib.Path | None:
-  """The tokenizer file kept in `directory` (or, for a checkpoint step, in its workdir)."""
-  places = [directory]
-  if (directory / "state").is_dir():  # <workdir>/checkpoints/<step>
-    places.append(directory.parent.parent)
-  return next((p / n for p in places for n in TOKENIZER_FILES if (p / n).is_file()), None)
-
-
 def from_hf_command(hf_dir: str, out_dir: str) -> None:
-  from bert_jax import checkpoint
+  from bert_jax import checkpoint, tokenizer
   config, params = load_hf(hf_dir)
-  tokenizer = find_tokenizer_file(pathlib.Path(hf_dir))
-  if tokenizer is None:
+  tok = tokenizer.find_file(hf_dir)
+  if tok is None:
     log.warning("%s has no tokenizer file (%s): fine-tuning will need --config.tokenizer",
-                hf_dir, ", ".join(TOKENIZER_FILES))
-  checkpoint.save_model(out_dir, config, params, tokenizer)
+                hf_dir, ", ".join(tokenizer.TOKENIZER_FILES))
+  checkpoint.save_model(out_dir, config, params, tok)
   log.info("wrote %s (%d layers, hidden %d, vocab %d)", out_dir, config.num_layers,
            config.hidden_size, config.vocab_size)
 
 
 def to_hf_command(ckpt_dir: str, out_dir: str) -> None:
-  from bert_jax import checkpoint
+  from bert_jax import checkpoint, tokenizer
   config, params = checkpoint.load_model(ckpt_dir)
   dropped = sorted(set(params) - {"bert", "mlm", "nsp"}) if "bert" in params else []
   if dropped:
     log.warning("%s: not writing the task head(s) %s (BertForPreTraining has no place for them)",
                 ckpt_dir, ", ".join(dropped))
     params = {k: v for k, v in params.items() if k not in dropped}
-  to_hf(config, params, out_dir, find_tokenizer_file(pathlib.Path(ckpt_dir)))
+  to_hf(config, params, out_dir, tokenizer.find_file(ckpt_dir))
   log.info("wrote %s", out_dir)
 
 

@@ -22,15 +22,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from bert_jax import checkpoint, optim, sharding
+from bert_jax import checkpoint, optim, sharding, tokenizer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.metrics import MetricWriter
 from bert_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_NAMES = ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.model")
-
 
 class FinetuneError(ValueError):
   """A fine-tuning input or configuration that cannot run."""
@@ -45,21 +42,12 @@ def _is_hf_dir(path: pathlib.Path) -> bool:
   return any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
 
 
-def find_tokenizer(directory: pathlib.Path) -> pathlib.Path | None:
-  for name in TOKENIZER_NAMES:
-    if (directory / name).is_file():
-      return directory / name
-  models = sorted(directory.glob("*.model"))
-  return models[0] if models else None
-
-
 def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, pathlib.Path]:
   """(model config, encoder params or None, tokenizer path) from `init_from`/`tokenizer`."""
   tok = pathlib.Path(config.tokenizer) if config.tokenizer else None
   if not config.init_from:
     if tok is None:
       raise FinetuneError("random initialisation (init_from='') needs --config.tokenizer")
-    from bert_jax import tokenizer
     vocab = tokenizer.load(tok).vocab_size
     return get_variant(config.model_variant, vocab_size=vocab), None, tok
   path = pathlib.Path(config.init_from)
@@ -70,10 +58,10 @@ def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, path
     bert, params = load_hf(path)
   else:
     bert, params = checkpoint.load_model(path)
-  tok = tok or find_tokenizer(path)
+  tok = tok or tokenizer.find_file(path)
   if tok is None:
-    raise FinetuneError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_NAMES)}); "
-                        "pass --config.tokenizer")
+    raise FinetuneError(f"no tokenizer in {path} (looked for "
+                        f"{', '.join(tokenizer.TOKENIZER_FILES)}); pass --config.tokenizer")
   return bert, params.get("bert", params), tok
 
 
@@ -160,6 +148,13 @@ class Run:
   steps_per_epoch: int
   encoder_params: Any = None  # pretrained encoder to start from (None = random)
 
+  @functools.cached_property
+  def predict(self):
+    """The jitted forward pass for evaluation and prediction (compiled once per run)."""
+    rep, data = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
+    return jax.jit(functools.partial(predict_fn, model=self.model), in_shardings=(rep, data),
+                   out_shardings=rep)
+
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
   """Atomic: a failure never leaves a half-written file over a good one."""
@@ -171,7 +166,7 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
-  from bert_jax import tasks, tokenizer
+  from bert_jax import tasks
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
   bert, encoder_params, tok_path = load_start(config)
@@ -252,11 +247,8 @@ def _predict_file(run: Run, state: TrainState) -> None:
   params = state.params
   if run.config.data.eval_file and (run.workdir / "best" / "config.json").exists():
     params = sharding.put_replicated(checkpoint.load_model(run.workdir / "best")[1], run.mesh)
-  rep, data = sharding.replicated(run.mesh), sharding.batch_sharded(run.mesh)
-  pred = jax.jit(functools.partial(predict_fn, model=run.model), in_shardings=(rep, data),
-                 out_shardings=rep)
   outputs = predict(params, run.task.predict_features(), run.config.train.eval_batch_size,
-                    run.mesh, pred)
+                    run.mesh, run.predict)
   for name, obj in run.task.predictions(outputs).items():
     _write_json(run.workdir / name, obj)
     log.info("wrote %s", run.workdir / name)
@@ -268,8 +260,6 @@ def _loop(run: Run, state: TrainState, mngr, meta: dict, writer: MetricWriter) -
   step_fn = jax.jit(functools.partial(finetune_step, model=run.model, tx=run.tx,
                                       schedule=run.schedule, loss_fn=run.task.loss),
                     in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
-  pred = jax.jit(functools.partial(predict_fn, model=run.model), in_shardings=(rep, data),
-                 out_shardings=rep)
   features = run.task.train_features()
   n = len(features["input_ids"])
   step = int(state.step)
@@ -278,9 +268,11 @@ def _loop(run: Run, state: TrainState, mngr, meta: dict, writer: MetricWriter) -
     from tqdm import tqdm
     bar = tqdm(total=run.steps, initial=step, unit="step", dynamic_ncols=True)
   best, last, tic = meta.get("best"), {}, time.perf_counter()
+  order_epoch, order = -1, None
   while step < run.steps:
     epoch, index = divmod(step, run.steps_per_epoch)
-    order = epoch_order(n, t.seed, epoch)
+    if epoch != order_epoch:
+      order_epoch, order = epoch, epoch_order(n, t.seed, epoch)
     rows = order[index * t.batch_size:(index + 1) * t.batch_size]
     batch = sharding.global_batch(take(features, local_rows(rows)), run.mesh)
     state, metrics = step_fn(state, batch)
@@ -297,20 +289,20 @@ def _loop(run: Run, state: TrainState, mngr, meta: dict, writer: MetricWriter) -
     if bar is not None:
       bar.update(1)
     if step % run.steps_per_epoch == 0 or step == run.steps:
-      best = _end_of_epoch(run, state, pred, step, best, writer)
+      best = _end_of_epoch(run, state, step, best, writer)
       checkpoint.save(mngr, step, state, {"best": best, "model_config": run.bert.to_dict()})
   if bar is not None:
     bar.close()
   return best or last, state
 
 
-def _end_of_epoch(run: Run, state, pred, step: int, best: dict | None, writer) -> dict | None:
+def _end_of_epoch(run: Run, state, step: int, best: dict | None, writer) -> dict | None:
   """Evaluates, writes outputs of a new best, exports the best model to <workdir>/best."""
   if not run.config.data.eval_file:
     checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
     return best
   outputs = predict(state.params, run.task.eval_features(), run.config.train.eval_batch_size,
-                    run.mesh, pred)
+                    run.mesh, run.predict)
   results, files = run.task.evaluate(outputs)
   writer.write(step, results, "eval")
   log.info("step %d eval: %s", step, json.dumps(results))

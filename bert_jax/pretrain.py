@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import pathlib
 import shutil
@@ -39,13 +38,11 @@ def _input_files(config: ml_collections.ConfigDict) -> list[str]:
   from bert_jax.data import pretraining
   if not config.data.input_files:
     return [str(pretraining.default_corpus_path())]
-  files: list[str] = []
-  for pattern in str(config.data.input_files).split(","):
-    matches = sorted(glob.glob(pattern.strip()))
-    if not matches:
-      raise ConfigError(f"data.input_files: no file matches {pattern.strip()!r}")
-    files += matches
-  return files
+  from bert_jax.data.text import expand_files
+  try:
+    return expand_files(str(config.data.input_files))
+  except ValueError as e:
+    raise ConfigError(f"data.input_files: {e}") from None
 
 
 def _on_process_0(fn, *args, **kwargs):

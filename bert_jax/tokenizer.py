@@ -33,11 +33,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from bert_jax.data.errors import DataError
-from bert_jax.data.text import check_files, iter_lines
+from bert_jax.data.text import check_files, expand_files, iter_lines
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# The names a model directory (ours or Hugging Face's) keeps its tokenizer under, preferred first.
+TOKENIZER_FILES = ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.model")
 SPACE_PIECE = "\u2581"
 
 # CJK Unified Ideographs and their extensions and compatibility blocks: the ranges the original
@@ -296,14 +298,30 @@ def _infer_lowercase(path: pathlib.Path, vocab: dict[str, int]) -> bool:
   return not any(t.lower() != t for t in vocab if not (t.startswith("[") and t.endswith("]")))
 
 
+def find_file(directory: str | pathlib.Path) -> pathlib.Path | None:
+  """The tokenizer file kept in a model directory (for a checkpoint step directory
+  `<workdir>/checkpoints/<step>`, in its workdir): one of TOKENIZER_FILES, else any *.model."""
+  directory = pathlib.Path(directory)
+  places = [directory]
+  if (directory / "state").is_dir():
+    places.append(directory.parent.parent)
+  for place in places:
+    for name in TOKENIZER_FILES:
+      if (place / name).is_file():
+        return place / name
+  models = sorted(directory.glob("*.model"))
+  return models[0] if models else None
+
+
 def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
-  """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt)."""
+  """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt); for a
+  directory, the tokenizer file inside it (see find_file)."""
   path = pathlib.Path(path)
   if path.is_dir():
-    for name in ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.model"):
-      if (path / name).is_file():
-        return load(path / name, lowercase)
-    raise TokenizerError(f"{path}: no tokenizer.model or vocab.txt in this directory")
+    found = find_file(path)
+    if found is None:
+      raise TokenizerError(f"{path}: no tokenizer.model or vocab.txt in this directory")
+    return load(found, lowercase)
   if not path.is_file():
     raise TokenizerError(f"{path}: no such tokenizer file")
   if path.suffix == ".txt":
@@ -372,7 +390,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a SentencePiece model with the BERT special tokens")
-  t.add_argument("--input", required=True, help="comma-separated text files")
+  t.add_argument("--input", required=True, help="comma-separated text files or globs")
   t.add_argument("--vocab_size", type=int, default=30000)
   t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model")
   t.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
@@ -381,7 +399,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
   e.add_argument("--tokenizer", required=True)
   args = p.parse_args(argv)
   if args.command == "train":
-    path = train_sentencepiece(args.input.split(","), args.vocab_size, args.output,
+    path = train_sentencepiece(expand_files(args.input), args.vocab_size, args.output,
                                args.model_type, args.character_coverage)
     print(f"wrote {path} ({load(path).vocab_size} pieces)")
   else:

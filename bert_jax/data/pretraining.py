@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import glob
 import json
 import logging
 import multiprocessing
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bert_jax.data.errors import DataError
-from bert_jax.data.text import check_files, iter_lines
+from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
@@ -527,16 +526,6 @@ def read_manifest(data_dir: str | pathlib.Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- command line
 
 
-def _expand(patterns: str) -> list[str]:
-  files: list[str] = []
-  for pattern in patterns.split(","):
-    matches = sorted(glob.glob(pattern.strip()))
-    if not matches:
-      raise DataError(f"{pattern.strip()}: no such file")
-    files += matches
-  return files
-
-
 def _main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(prog="python -m bert_jax.data.pretraining",
                               description=__doc__.split("\n\n")[0])
@@ -558,7 +547,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--shard_size", type=int, default=65536)
   a = p.parse_args(argv)
   m = create_pretraining_data(
-      _expand(a.input_files), a.tokenizer, a.output_dir, max_seq_length=a.max_seq_length,
+      expand_files(a.input_files), a.tokenizer, a.output_dir, max_seq_length=a.max_seq_length,
       max_predictions_per_seq=a.max_predictions_per_seq, masked_lm_prob=a.masked_lm_prob,
       short_seq_prob=a.short_seq_prob, dupe_factor=a.dupe_factor, seed=a.seed,
       whole_word_mask=a.whole_word_mask, dynamic_masking=a.dynamic_masking,

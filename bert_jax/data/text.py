@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import pathlib
 from collections.abc import Iterator, Sequence
 
 from bert_jax.data.errors import DataError
+
+
+def expand_files(patterns: str) -> list[str]:
+  """Comma-separated paths or globs -> the matching files, sorted per pattern; a DataError names a
+  pattern that matches nothing."""
+  files: list[str] = []
+  for pattern in (p.strip() for p in patterns.split(",")):
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+      raise DataError(f"{pattern}: no such file")
+    files += matches
+  return files
 
 
 def check_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
