@@ -252,7 +252,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   if batch_size % (devices * grad_accum):
     raise ValueError(f"batch_size {batch_size} must be divisible by devices * grad_accum = "
                      f"{devices} * {grad_accum}")
-  config = get_variant(variant, dtype=dtype, remat=remat, attention=opts.attention)
+  config = get_variant(variant, dtype=dtype, remat=remat, attention=opts.attention,
+                       **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
   preds = opts.max_predictions or default_max_predictions(seq_len)
   mesh = sharding.make_mesh(devices)
   probe_peak, peak_source = peak_flops(mesh, opts.peak_flops)
@@ -272,6 +273,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   memory, memory_source = peak_memory(mesh)
   achieved = flops / stats["step_s_median"]
   return {"variant": variant, "batch_size": batch_size, "seq_len": seq_len,
+          "vocab_size": config.vocab_size,
           "max_predictions": preds, "dtype": dtype, "remat": remat, "grad_accum": grad_accum,
           "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
           "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
@@ -315,6 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=_csv(int), default=[32], help="global batch size")
   p.add_argument("--seq_len", type=_csv(int), default=[128])
   p.add_argument("--max_predictions", type=int, default=0, help="0: ceil(0.15 * seq_len)")
+  p.add_argument("--vocab_size", type=int, default=0,
+                 help="0: BERT's 30522; set to a tokenizer's size to match a train.py run")
   p.add_argument("--steps", type=int, default=10, help="timed steps (per round with --against)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--dtype", type=_csv(str), default=["float32"], help="compute dtype")

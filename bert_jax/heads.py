@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax.config import BertConfig
-from bert_jax.model import BertModel, Decoder, dense, gelu, layer_norm
+from bert_jax.model import BertModel, Decoder, Dropout, dense, gelu, layer_norm
 
 Array = jax.Array
 
@@ -55,7 +55,7 @@ class ClassifierHead(nn.Module):
 
   @nn.compact
   def __call__(self, pooled: Array, deterministic: bool) -> Array:
-    x = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
+    x = Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
     return dense(self.config, self.num_labels, "dense")(x).astype(jnp.float32)
 
 

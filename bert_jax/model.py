@@ -38,6 +38,26 @@ def gelu(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout drawing 16 random bits per element (two elements per 32-bit word) instead
+  of a float32 uniform: the same `dropout` RNG stream, the drop probability rounded to a multiple
+  of 2**-16 (0.1 -> 0.100006), and about a third of the random-number cost of `nn.Dropout`, which
+  on a CPU is a tenth of a BERT step."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    words = jax.random.bits(self.make_rng("dropout"), ((x.size + 1) // 2,), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size]
+    keep = bits.reshape(x.shape) >= round(self.rate * 65536)
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Embeddings(nn.Module):
   """Word + position + token-type embeddings, then LayerNorm and dropout -> [B, T, D] float32."""
 
@@ -52,7 +72,7 @@ class Embeddings(nn.Module):
     self.position_embeddings = embed(cfg.max_position_embeddings, "position_embeddings")
     self.token_type_embeddings = embed(cfg.type_vocab_size, "token_type_embeddings")
     self.layer_norm = layer_norm(cfg, "layer_norm")
-    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
 
   def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
     positions = jnp.arange(input_ids.shape[-1])[None, :]
@@ -74,13 +94,14 @@ class Einsum(nn.Module):
   kernel_shape: tuple[int, ...]
   bias_shape: tuple[int, ...]
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def setup(self):
     cfg = self.config
-    kernel = self.param("kernel", dense_init(cfg), self.kernel_shape, cfg.params_dtype)
-    bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.params_dtype)
-    dt = cfg.compute_dtype
-    return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt)) + bias.astype(dt)
+    self.kernel = self.param("kernel", dense_init(cfg), self.kernel_shape, cfg.params_dtype)
+    self.bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.params_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    dt = self.config.compute_dtype
+    return jnp.einsum(self.equation, x.astype(dt), self.kernel.astype(dt)) + self.bias.astype(dt)
 
 
 class SelfAttention(nn.Module):
@@ -97,8 +118,12 @@ class SelfAttention(nn.Module):
     cfg = self.config
     D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     x = x.astype(cfg.compute_dtype)
-    q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
-               for n in ("query", "key", "value"))
+    # One [D, 3N, H] matmul instead of three [D, N, H] ones (the parameters stay separate).
+    qkv = [Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)
+           for n in ("query", "key", "value")]
+    kernel = jnp.concatenate([p.kernel.astype(cfg.compute_dtype) for p in qkv], axis=1)
+    bias = jnp.concatenate([p.bias.astype(cfg.compute_dtype) for p in qkv], axis=0)
+    q, k, v = jnp.split(jnp.einsum("BTD,DNH->BTNH", x, kernel) + bias, 3, axis=2)
     use_fused = cfg.attention == "dot_product" and (deterministic or cfg.attention_dropout == 0)
     if use_fused:
       ctx = jax.nn.dot_product_attention(
@@ -108,7 +133,7 @@ class SelfAttention(nn.Module):
       big_neg = jnp.finfo(jnp.float32).min
       scores = jnp.where(mask[:, None, None, :].astype(bool), scores, big_neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-      probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+      probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
       ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     return Einsum(cfg, "BTNH,NHD->BTD", (N, H, D), (D,), name="output")(ctx)
 
@@ -133,7 +158,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     cfg = self.config
-    drop = nn.Dropout(cfg.hidden_dropout)
+    drop = Dropout(cfg.hidden_dropout)
     h = SelfAttention(cfg, name="attention")(x, mask, deterministic)
     x = layer_norm(cfg, "attention_layer_norm")(x + drop(h, deterministic=deterministic))
     h = FeedForward(cfg, name="ffn")(x)

@@ -15,9 +15,9 @@ KEYS = ("variant", "batch_size", "seq_len", "dtype", "devices", "backend", "comp
         "peak_flops_per_s", "peak_source", "mfu", "peak_memory_bytes", "compiles")
 
 
-def tiny_training_flops(batch: int, seq: int, preds: int) -> int:
-  """BERT-tiny (2 layers, hidden 128, FFN 512, vocab 30522) as a list of matmuls [m, k] @ [k, n]."""
-  layers, d, f, v = 2, 128, 512, 30522
+def tiny_training_flops(batch: int, seq: int, preds: int, v: int = 30522) -> int:
+  """BERT-tiny (2 layers, hidden 128, FFN 512, vocab v) as a list of matmuls [m, k] @ [k, n]."""
+  layers, d, f = 2, 128, 512
   tokens = batch * seq
   per_layer = [(tokens, d, d)] * 4 + [(tokens, d, f), (tokens, f, d)]  # q, k, v, out; FFN
   per_layer += [(batch * seq, d, seq)] * 2  # scores q.k over all heads; probs.v
@@ -64,6 +64,9 @@ def test_synthetic_batch_has_padding_and_real_predictions():
                     reason="torch and transformers are needed for --against hf-torch")
 def test_against_hf_torch_gives_a_ratio():
   (r,) = bench.main(TINY + ["--devices", "1", "--against", "hf-torch", "--pairs", "1",
-                            "--steps", "1", "--warmup", "0", "--peak_flops", "1e12"])
+                            "--steps", "1", "--warmup", "0", "--peak_flops", "1e12",
+                            "--vocab_size", "8000"])
   assert r["against"] == "hf-torch" and len(r["ratios"]) == 1
+  assert r["vocab_size"] == 8000
+  assert r["flops_per_step_analytic"] == tiny_training_flops(4, 32, 5, v=8000)
   assert r["ratio_median"] > 0 and r["hf_tokens_per_s"] > 0
