@@ -46,52 +46,69 @@ def _input_files(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _on_process_0(fn, *args, **kwargs):
-  """Runs fn on process 0 only, then lets every process continue (a barrier)."""
+  """Runs fn on process 0 only, then lets every process continue (a barrier). Every process must
+  call it unconditionally: whether there is work to do is for fn to decide on process 0 (another
+  process testing the file system itself could see process 0's output already and skip the
+  barrier)."""
   result = fn(*args, **kwargs) if jax.process_index() == 0 else None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"bert_jax:{fn.__name__}")
   return result
 
 
+def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+  if not dst.exists():
+    shutil.copy2(src, dst)
+
+
+def _train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                     dst: pathlib.Path) -> None:
+  from bert_jax import tokenizer
+  if not dst.exists():
+    log.info("training a SentencePiece tokenizer (%d pieces) into %s",
+             config.data.tokenizer_vocab_size, dst)
+    tokenizer.train_sentencepiece(_input_files(config), config.data.tokenizer_vocab_size,
+                                  str(workdir / "tokenizer"), model_type=config.data.tokenizer_type)
+
+
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   """The tokenizer file inside the workdir: copied from data.tokenizer, or trained there."""
-  from bert_jax import tokenizer
   if config.data.tokenizer:
     src = pathlib.Path(config.data.tokenizer)
     if not src.is_file():
       raise ConfigError(f"data.tokenizer: {src} does not exist")
     dst = workdir / src.name
-    if not dst.exists():
-      _on_process_0(shutil.copy2, src, dst)
+    _on_process_0(_copy_tokenizer, src, dst)
     return dst
   dst = workdir / "tokenizer.model"
-  if not dst.exists():
-    log.info("training a SentencePiece tokenizer (%d pieces) into %s",
-             config.data.tokenizer_vocab_size, dst)
-    _on_process_0(tokenizer.train_sentencepiece, _input_files(config),
-                  config.data.tokenizer_vocab_size, str(workdir / "tokenizer"),
-                  model_type=config.data.tokenizer_type)
+  _on_process_0(_train_tokenizer, config, workdir, dst)
   return dst
+
+
+def _create_data(config: ml_collections.ConfigDict, data_dir: pathlib.Path,
+                 tokenizer_path: pathlib.Path) -> None:
+  from bert_jax.data import pretraining
+  d = config.data
+  if (data_dir / "manifest.json").exists():
+    return
+  log.info("creating pretraining instances in %s", data_dir)
+  pretraining.create_pretraining_data(
+      _input_files(config), str(tokenizer_path), str(data_dir), max_seq_length=d.max_seq_length,
+      max_predictions_per_seq=d.max_predictions_per_seq, masked_lm_prob=d.masked_lm_prob,
+      short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor, seed=d.seed,
+      whole_word_mask=d.whole_word_mask, dynamic_masking=d.dynamic_masking,
+      eval_fraction=d.eval_fraction)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                  tokenizer_path: pathlib.Path) -> pathlib.Path:
   """The prepared-instance directory: data.data_dir, or <workdir>/data created when missing."""
-  from bert_jax.data import pretraining
   d = config.data
   data_dir = pathlib.Path(d.data_dir) if d.data_dir else workdir / "data"
-  if not (data_dir / "manifest.json").exists():
-    if d.data_dir:
-      raise ConfigError(f"data.data_dir: {data_dir} has no manifest.json (create it with "
-                        "python -m bert_jax.data.pretraining, or leave data_dir empty)")
-    log.info("creating pretraining instances in %s", data_dir)
-    _on_process_0(
-        pretraining.create_pretraining_data, _input_files(config), str(tokenizer_path),
-        str(data_dir), max_seq_length=d.max_seq_length,
-        max_predictions_per_seq=d.max_predictions_per_seq, masked_lm_prob=d.masked_lm_prob,
-        short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor, seed=d.seed,
-        whole_word_mask=d.whole_word_mask, dynamic_masking=d.dynamic_masking,
-        eval_fraction=d.eval_fraction)
+  if d.data_dir and not (data_dir / "manifest.json").exists():
+    raise ConfigError(f"data.data_dir: {data_dir} has no manifest.json (create it with "
+                      "python -m bert_jax.data.pretraining, or leave data_dir empty)")
+  _on_process_0(_create_data, config, data_dir, tokenizer_path)
   return data_dir
 
 
