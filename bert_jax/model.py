@@ -41,8 +41,8 @@ def gelu(x: Array) -> Array:
 class Dropout(nn.Module):
   """Inverted dropout drawing 16 random bits per element (two elements per 32-bit word) instead
   of a float32 uniform: the same `dropout` RNG stream, the drop probability rounded to a multiple
-  of 2**-16 (0.1 -> 0.100006), and about a third of the random-number cost of `nn.Dropout`, which
-  on a CPU is a tenth of a BERT step."""
+  of 2**-16 (0.1 -> 0.100006), and about a third of the random-number cost of `nn.Dropout`
+  (measured on masks alone; dropout was ~350 ms of a 2.2 s base step on this CPU)."""
 
   rate: float
 
@@ -94,14 +94,13 @@ class Einsum(nn.Module):
   kernel_shape: tuple[int, ...]
   bias_shape: tuple[int, ...]
 
-  def setup(self):
-    cfg = self.config
-    self.kernel = self.param("kernel", dense_init(cfg), self.kernel_shape, cfg.params_dtype)
-    self.bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.params_dtype)
-
+  @nn.compact
   def __call__(self, x: Array) -> Array:
-    dt = self.config.compute_dtype
-    return jnp.einsum(self.equation, x.astype(dt), self.kernel.astype(dt)) + self.bias.astype(dt)
+    cfg = self.config
+    kernel = self.param("kernel", dense_init(cfg), self.kernel_shape, cfg.params_dtype)
+    bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.params_dtype)
+    dt = cfg.compute_dtype
+    return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt)) + bias.astype(dt)
 
 
 class SelfAttention(nn.Module):
@@ -118,12 +117,8 @@ class SelfAttention(nn.Module):
     cfg = self.config
     D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     x = x.astype(cfg.compute_dtype)
-    # One [D, 3N, H] matmul instead of three [D, N, H] ones (the parameters stay separate).
-    qkv = [Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)
-           for n in ("query", "key", "value")]
-    kernel = jnp.concatenate([p.kernel.astype(cfg.compute_dtype) for p in qkv], axis=1)
-    bias = jnp.concatenate([p.bias.astype(cfg.compute_dtype) for p in qkv], axis=0)
-    q, k, v = jnp.split(jnp.einsum("BTD,DNH->BTNH", x, kernel) + bias, 3, axis=2)
+    q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
+               for n in ("query", "key", "value"))
     use_fused = cfg.attention == "dot_product" and (deterministic or cfg.attention_dropout == 0)
     if use_fused:
       ctx = jax.nn.dot_product_attention(
