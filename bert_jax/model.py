@@ -42,7 +42,7 @@ class Dropout(nn.Module):
   """Inverted dropout drawing 16 random bits per element (two elements per 32-bit word) instead
   of a float32 uniform: the same `dropout` RNG stream, the drop probability rounded to a multiple
   of 2**-16 (0.1 -> 0.100006), and about a third of the random-number cost of `nn.Dropout`
-  (measured on masks alone; dropout was ~350 ms of a 2.2 s base step on this CPU)."""
+  (measured on the masks alone: 3.6-5.3 ms against 12-22 ms per [8, 12, 128, 128] mask)."""
 
   rate: float
 
