@@ -68,7 +68,8 @@ def _train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     log.info("training a SentencePiece tokenizer (%d pieces) into %s",
              config.data.tokenizer_vocab_size, dst)
     tokenizer.train_sentencepiece(_input_files(config), config.data.tokenizer_vocab_size,
-                                  str(workdir / "tokenizer"), model_type=config.data.tokenizer_type)
+                                  str(workdir / "tokenizer"), model_type=config.data.tokenizer_type,
+                                  lowercase=config.data.tokenizer_lowercase)
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:

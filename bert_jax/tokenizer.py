@@ -344,12 +344,13 @@ def _training_sentences(files: Sequence[pathlib.Path], counter: list[int]) -> It
 def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
                         output_prefix: str | pathlib.Path, model_type: str = "unigram",
                         character_coverage: float = 0.9995,
-                        input_sentence_size: int = 2_000_000) -> str:
+                        input_sentence_size: int = 2_000_000, lowercase: bool = False) -> str:
   """Trains a SentencePiece model on text files; returns the path of `<output_prefix>.model`.
 
   The BERT special tokens take ids 0-4; CJK characters and punctuation are split out first (as
-  `encode` does). The vocabulary may come out smaller than asked on a small corpus (a warning says
-  so); the model file is written atomically.
+  `encode` does). `lowercase` makes an uncased model: the case folding is part of the model's
+  normaliser, so whoever loads it lower-cases the same way. The vocabulary may come out smaller
+  than asked on a small corpus (a warning says so); the model file is written atomically.
   """
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
@@ -366,6 +367,7 @@ def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
         vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
         pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
         control_symbols=list(SPECIAL_TOKENS[2:]), hard_vocab_limit=False,
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
         input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
@@ -395,12 +397,14 @@ def _main(argv: Sequence[str] | None = None) -> None:
   t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model")
   t.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
   t.add_argument("--character_coverage", type=float, default=0.9995)
+  t.add_argument("--lowercase", action="store_true", help="an uncased model (folds case)")
   e = sub.add_parser("encode", help="print the tokens of each line of stdin")
   e.add_argument("--tokenizer", required=True)
   args = p.parse_args(argv)
   if args.command == "train":
     path = train_sentencepiece(expand_files(args.input), args.vocab_size, args.output,
-                               args.model_type, args.character_coverage)
+                               args.model_type, args.character_coverage,
+                               lowercase=args.lowercase)
     print(f"wrote {path} ({load(path).vocab_size} pieces)")
   else:
     tok = load(args.tokenizer)

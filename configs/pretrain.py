@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # .model or vocab.txt; "" = train SentencePiece into the workdir
   c.data.tokenizer_vocab_size = 8000 if variant == "tiny" else 32000  # when training one
   c.data.tokenizer_type = "unigram"  # "unigram" or "bpe", when training one
+  c.data.tokenizer_lowercase = False  # when training one: True folds case (an uncased model)
   c.data.data_dir = ""  # prepared instances; "" = <workdir>/data (created when missing)
   c.data.max_seq_length = 128  # tokens per instance ([CLS] A [SEP] B [SEP] + padding)
   c.data.max_predictions_per_seq = 20  # cap on masked positions per instance

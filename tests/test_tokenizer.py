@@ -62,6 +62,23 @@ def test_sentencepiece_offsets_cover_the_text(sp_tok):
   assert "".join(text[a:b] for a, b in offsets) == "".join(text.split())
 
 
+def test_uncased_sentencepiece_folds_case_and_keeps_offsets(tmp_path):
+  text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:100_000]
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(text, encoding="utf-8")
+  tok = tokenizer.load(tokenizer.train_sentencepiece([str(corpus)], 1000, str(tmp_path / "sp"),
+                                                     lowercase=True))
+  assert not any(c.isupper() for c in map(tok.id_to_token, range(5, tok.vocab_size)) for c in c)
+  cased = "Good Night, Sweet PRINCE: and Flights of Angels"
+  assert tok.encode(cased) == tok.encode(cased.lower())
+  ids, offsets = tok.encode_with_offsets(cased)
+  assert ids == tok.encode(cased)
+  # Offsets point into the original (cased) text.
+  assert "".join(cased[a:b] for a, b in offsets) == "".join(cased.split())
+  assert [cased[a:b].lower() for a, b in offsets] == [
+      tok.id_to_token(i).lstrip("\u2581") for i in ids]
+
+
 def test_wordpiece_matches_bert_tokenizer_fast(tmp_path, shared_data):
   transformers = pytest.importorskip("transformers", reason="transformers is the reference")
   from tokenizers import BertWordPieceTokenizer
