@@ -68,7 +68,8 @@ def test_uncased_sentencepiece_folds_case_and_keeps_offsets(tmp_path):
   corpus.write_text(text, encoding="utf-8")
   tok = tokenizer.load(tokenizer.train_sentencepiece([str(corpus)], 1000, str(tmp_path / "sp"),
                                                      lowercase=True))
-  assert not any(c.isupper() for c in map(tok.id_to_token, range(5, tok.vocab_size)) for c in c)
+  pieces = [tok.id_to_token(i) for i in range(5, tok.vocab_size)]
+  assert not any(ch.isupper() for piece in pieces for ch in piece)
   cased = "Good Night, Sweet PRINCE: and Flights of Angels"
   assert tok.encode(cased) == tok.encode(cased.lower())
   ids, offsets = tok.encode_with_offsets(cased)
