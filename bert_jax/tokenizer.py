@@ -341,21 +341,44 @@ def _training_sentences(files: Sequence[pathlib.Path], counter: list[int]) -> It
         yield presplit(line)
 
 
+def default_character_coverage(paths: Sequence[pathlib.Path], sample_chars: int = 1_000_000
+                               ) -> float:
+  """1.0 (every character seen gets a piece) unless CJK characters make up over a third of the
+  text sampled from the start of each file: then 0.9995, SentencePiece's advice for scripts with
+  thousands of rare characters. (At 0.9995 an English corpus loses '8', '(', '%' and '$' to
+  [UNK].)"""
+  cjk = total = 0
+  for path in paths:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read(sample_chars)
+    total += sum(not ch.isspace() for ch in text)
+    cjk += sum(map(is_cjk, text))
+  return 0.9995 if total and cjk / total > 1 / 3 else 1.0
+
+
 def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
-                        output_prefix: str | pathlib.Path, model_type: str = "unigram",
-                        character_coverage: float = 0.9995,
+                        output_prefix: str | pathlib.Path, model_type: str = "bpe",
+                        character_coverage: float | None = None,
                         input_sentence_size: int = 2_000_000, lowercase: bool = False) -> str:
   """Trains a SentencePiece model on text files; returns the path of `<output_prefix>.model`.
 
   The BERT special tokens take ids 0-4; CJK characters and punctuation are split out first (as
   `encode` does). `lowercase` makes an uncased model: the case folding is part of the model's
-  normaliser, so whoever loads it lower-cases the same way. The vocabulary may come out smaller
-  than asked on a small corpus (a warning says so); the model file is written atomically.
+  normaliser, so whoever loads it lower-cases the same way. `character_coverage=None` picks it
+  from the text (`default_character_coverage`). The vocabulary may come out smaller than asked on
+  a small corpus (a warning says so); the model file is written atomically.
+
+  BPE is the default because the unigram trainer does badly on text whose punctuation stands
+  apart: it learns the bare word boundary "▁" as a piece and splits common words on it. On the
+  shared English corpus at 8,000 pieces unigram gives "▁be en", "▁the y", "▁ this" and 1.78
+  tokens per word of held-out Wikipedia; BPE keeps "▁been", "▁they", "▁this" whole, 1.64.
   """
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
     raise ValueError(f"model_type must be unigram or bpe, not {model_type!r}")
   paths = check_files(files)
+  if character_coverage is None:
+    character_coverage = default_character_coverage(paths)
   out = pathlib.Path(f"{output_prefix}.model")
   out.parent.mkdir(parents=True, exist_ok=True)
   counter = [0]
@@ -395,8 +418,10 @@ def _main(argv: Sequence[str] | None = None) -> None:
   t.add_argument("--input", required=True, help="comma-separated text files or globs")
   t.add_argument("--vocab_size", type=int, default=30000)
   t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model")
-  t.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
-  t.add_argument("--character_coverage", type=float, default=0.9995)
+  t.add_argument("--model_type", default="bpe", choices=("unigram", "bpe"))
+  t.add_argument("--character_coverage", type=float, default=None,
+                 help="share of characters with a piece of their own (default: 1.0, or 0.9995 "
+                      "for mostly-CJK text)")
   t.add_argument("--lowercase", action="store_true", help="an uncased model (folds case)")
   e = sub.add_parser("encode", help="print the tokens of each line of stdin")
   e.add_argument("--tokenizer", required=True)

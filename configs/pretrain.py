@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.input_files = ""  # comma-separated globs of raw text; "" = the bundled corpus
   c.data.tokenizer = ""  # .model or vocab.txt; "" = train SentencePiece into the workdir
   c.data.tokenizer_vocab_size = 8000 if variant == "tiny" else 32000  # when training one
-  c.data.tokenizer_type = "unigram"  # "unigram" or "bpe", when training one
+  c.data.tokenizer_type = "bpe"  # "bpe" or "unigram", when training one
   c.data.tokenizer_lowercase = False  # when training one: True folds case (an uncased model)
   c.data.data_dir = ""  # prepared instances; "" = <workdir>/data (created when missing)
   c.data.max_seq_length = 128  # tokens per instance ([CLS] A [SEP] B [SEP] + padding)

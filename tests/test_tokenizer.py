@@ -1,7 +1,9 @@
 """Tokenizers: SentencePiece training with fixed special ids, CJK and punctuation split, offsets;
 WordPiece ids identical to transformers.BertTokenizerFast; bad input."""
 
+import collections
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -35,6 +37,25 @@ def test_sentencepiece_special_ids_and_round_trip(sp_tok):
   assert sp_tok.decode(ids) == text
   # Text that looks like a special token is not one.
   assert sp_tok.mask_id not in sp_tok.encode("a [MASK] b")
+
+
+def test_sentencepiece_keeps_frequent_words_whole(sp_tok):
+  # The unigram trainer on this text split 25 of these 100 words ("▁th is", "▁ and") and left
+  # 16 [UNK]s in the first 50,000 characters: the BPE default must do neither.
+  text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:200_000]
+  frequent = [w for w, _ in collections.Counter(re.findall(r"[A-Za-z]+", text)).most_common(100)]
+  assert [w for w in frequent if len(sp_tok.encode(w)) > 1] == []
+  ids = sp_tok.encode(text[:50_000])
+  assert sp_tok.unk_id not in ids
+  assert ids.count(sp_tok.sp.piece_to_id(tokenizer.SPACE_PIECE)) < len(ids) / 500
+
+
+def test_character_coverage_follows_the_script(tmp_path):
+  en, zh = tmp_path / "en.txt", tmp_path / "zh.txt"
+  en.write_text("Good night, sweet prince.\n" * 50 + "\n".join(ZH), encoding="utf-8")
+  zh.write_text("\n".join(ZH * 20) + "\nmathematics\n", encoding="utf-8")
+  assert tokenizer.default_character_coverage([en]) == 1.0
+  assert tokenizer.default_character_coverage([zh]) == 0.9995
 
 
 def test_sentencepiece_splits_cjk_and_punctuation(sp_tok):
