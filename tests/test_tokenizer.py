@@ -40,8 +40,8 @@ def test_sentencepiece_special_ids_and_round_trip(sp_tok):
 
 
 def test_sentencepiece_keeps_frequent_words_whole(sp_tok):
-  # The unigram trainer on this text split 25 of these 100 words ("▁th is", "▁ and") and left
-  # 16 [UNK]s in the first 50,000 characters: the BPE default must do neither.
+  # The old settings (unigram, character coverage 0.9995) split 25 of these 100 words ("and",
+  # "that", "this" among them) and left 16 [UNK]s in the first 50,000 characters.
   text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:200_000]
   frequent = [w for w, _ in collections.Counter(re.findall(r"[A-Za-z]+", text)).most_common(100)]
   assert [w for w in frequent if len(sp_tok.encode(w)) > 1] == []
