@@ -38,7 +38,8 @@ def encode(config: BertConfig, params: Any, input_ids: Any, token_type_ids: Any 
            attention_mask: Any = None) -> dict[str, Any]:
   """Runs the encoder for inference (no dropout), compiled once per config and input shape.
 
-  params: the full tree ({"bert": ...}, as load_hf and checkpoints hold it) or the encoder tree.
+  params: the full tree ({"bert": ...}, as load_hf and checkpoints hold it) or the encoder tree,
+  in either layout (converted on every call when it is not the one `config.scan_layers` names).
   input_ids, token_type_ids (default zeros), attention_mask (1 = real token, default ones):
   [batch, seq] ints, seq <= config.max_position_embeddings.
   Returns {"sequence_output": [batch, seq, hidden], "pooled_output": [batch, hidden]}, float32.
@@ -47,5 +48,7 @@ def encode(config: BertConfig, params: Any, input_ids: Any, token_type_ids: Any 
   if shape is None or len(shape) != 2 or shape[1] > config.max_position_embeddings:
     raise ValueError(f"encode: input_ids must be [batch, seq] with seq <= "
                      f"{config.max_position_embeddings}, got shape {shape}")
+  from bert_jax.params import match_layout
+  params = match_layout(params, config)
   encoder = params["bert"] if "bert" in params else params
   return _encoder(config)(encoder, input_ids, token_type_ids, attention_mask)

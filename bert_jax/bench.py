@@ -4,8 +4,10 @@
   python -m bert_jax.bench --variant tiny,mini --batch_size 8,32 --json -        # JSON lines
   python -m bert_jax.bench --variant mini --batch_size 32 --against hf-torch --pairs 5
 
-Comma-separated --variant/--batch_size/--seq_len/--dtype/--remat/--grad_accum/--devices values
-run every combination. MFU is analytic model FLOPs per second over a peak: on CPU the peak is a
+Comma-separated --variant/--batch_size/--seq_len/--dtype/--remat/--grad_accum/--devices/--fsdp
+values run every combination; --fsdp N shards parameters and optimizer state over groups of N
+devices (`state_bytes_per_device` in the record is what one device holds of them).
+MFU is analytic model FLOPs per second over a peak: on CPU the peak is a
 float32 matmul measured in the same run; on TPU/GPU the published dense bf16 peak of the chip.
 On CPU, --devices above 1 needs XLA_FLAGS=--xla_force_host_platform_device_count=N.
 """
@@ -28,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import optim, sharding, train_step
+from bert_jax import optim, sharding, trainer
 from bert_jax.config import VARIANTS, BertConfig, get_variant
-from bert_jax.heads import BertForPreTraining
 
 # Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
 PUBLISHED_PEAKS: tuple[tuple[str, float], ...] = (
@@ -46,8 +47,9 @@ def default_max_predictions(seq_len: int) -> int:
 
 def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_size: int,
                     seed: int = 0) -> dict[str, np.ndarray]:
-  """A pretraining batch of the documented keys (train_step.py): lengths in [0.8 T, T] (some
-  padding), round(0.15 * length) predictions per row (at most max_predictions), rest weight 0."""
+  """A pretraining batch of the keys of `pretrain.pretraining_objective`: lengths in [0.8 T, T]
+  (some padding), round(0.15 * length) predictions per row (at most max_predictions), the rest
+  weight 0."""
   rng = np.random.default_rng(seed)
   B, T, P = batch_size, seq_len, max_predictions
   lengths = rng.integers(max(int(0.8 * T), min(T, 3)), T + 1, B)
@@ -141,14 +143,18 @@ class OursRunner:
 
   def __init__(self, config: BertConfig, mesh, batch: dict[str, np.ndarray], optimizer: str,
                grad_accum: int):
+    from bert_jax.pretrain import pretraining_objective
     seq_len, preds = batch["input_ids"].shape[1], batch["masked_lm_ids"].shape[1]
-    model = BertForPreTraining(config)
+    objective = pretraining_objective(config, seq_len, preds)
     schedule = optim.learning_rate_schedule(1e-4, 10_000, 1_000_000)
     tx = optim.make_optimizer(optimizer, schedule)
-    self.state = train_step.jit_create_state(mesh, model, tx, 0, seq_len, preds)
+    self.state = trainer.jit_create_state(mesh, objective, tx, 0)
+    self.state_bytes_per_device = sharding.bytes_per_device((self.state.params,
+                                                             self.state.opt_state))
     self.batch = sharding.global_batch(batch, mesh)
-    self.step = train_step.jit_pretraining_step(mesh, model=model, tx=tx, schedule=schedule,
-                                                grad_accum=grad_accum)
+    self.step = trainer.jit_train_step(mesh, trainer.shardings_of(self.state),
+                                       objective=objective, tx=tx, schedule=schedule,
+                                       grad_accum=grad_accum)
     start = time.perf_counter()
     compiled = self.step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
@@ -254,15 +260,16 @@ def _compare(ours: OursRunner, theirs: HFTorchRunner, opts: argparse.Namespace, 
 
 
 def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: int, dtype: str,
-              remat: bool, grad_accum: int, devices: int) -> dict[str, Any]:
+              remat: str, grad_accum: int, devices: int, fsdp: int) -> dict[str, Any]:
   """Compiles and times one configuration; returns its record."""
   if batch_size % (devices * grad_accum):
     raise ValueError(f"batch_size {batch_size} must be divisible by devices * grad_accum = "
                      f"{devices} * {grad_accum}")
-  config = get_variant(variant, dtype=dtype, remat=remat, attention=opts.attention,
+  config = get_variant(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
+                       attention=opts.attention,
                        **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
   preds = opts.max_predictions or default_max_predictions(seq_len)
-  mesh = sharding.make_mesh(devices)
+  mesh = sharding.make_mesh(devices, fsdp)
   probe_peak, peak_source = peak_flops(mesh, opts.peak_flops)
   probe_peak()
   batch = synthetic_batch(batch_size, seq_len, preds, config.vocab_size)
@@ -283,6 +290,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
           "vocab_size": config.vocab_size,
           "max_predictions": preds, "dtype": dtype, "remat": remat, "grad_accum": grad_accum,
           "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
+          "fsdp": fsdp, "scan_layers": opts.scan_layers,
+          "state_bytes_per_device": ours.state_bytes_per_device,
           "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
           "compile_s": ours.compile_s, "steps": len(times), **stats,
           "flops_per_step_analytic": flops, "flops_per_step_xla": ours.xla_flops,
@@ -293,7 +302,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
 
 
 _COLUMNS = (("variant", "{}"), ("batch_size", "{}"), ("seq_len", "{}"), ("dtype", "{}"),
-            ("remat", "{}"), ("grad_accum", "{}"), ("devices", "{}"), ("compile_s", "{:.1f}"),
+            ("remat", "{}"), ("grad_accum", "{}"), ("devices", "{}"), ("fsdp", "{}"),
+            ("state_bytes_per_device", "{:.3g}"), ("compile_s", "{:.1f}"),
             ("step_s_median", "{:.4f}"), ("sequences_per_s", "{:.1f}"),
             ("tokens_per_s", "{:.0f}"), ("mfu", "{:.1%}"), ("peak_memory_bytes", "{:.3g}"),
             ("hf_tokens_per_s", "{:.0f}"), ("ratio_median", "{:.2f}"))
@@ -329,8 +339,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=10, help="timed steps (per round with --against)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--dtype", type=_csv(str), default=["float32"], help="compute dtype")
-  p.add_argument("--remat", type=_csv(_bool), default=[False])
+  p.add_argument("--remat", type=_csv(str), default=["none"],
+                 help="policy: none, full, dots_saveable, dots_with_no_batch_dims_saveable")
+  p.add_argument("--scan_layers", type=_bool, default=False, help="nn.scan over the layers")
   p.add_argument("--devices", type=_csv(int), default=None, help="default: all devices")
+  p.add_argument("--fsdp", type=_csv(int), default=[1],
+                 help="devices per FSDP group (1: replicated data parallelism)")
   p.add_argument("--grad_accum", type=_csv(int), default=[1])
   p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
   p.add_argument("--attention", choices=("einsum", "dot_product"), default="einsum")
@@ -351,7 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   records = []
   try:
     for combo in itertools.product(opts.variant, opts.batch_size, opts.seq_len, opts.dtype,
-                                   opts.remat, opts.grad_accum, devices):
+                                   opts.remat, opts.grad_accum, devices, opts.fsdp):
       records.append(bench_one(opts, *combo))
       if out:
         print(json.dumps(records[-1]), file=out, flush=True)

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bert_jax.config import BertConfig
+from bert_jax.errors import BertJaxError
 from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BertJaxError, ValueError):
   """A checkpoint or model directory that cannot be read."""
 
 

@@ -7,8 +7,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-# Errors that mean "the input or configuration is wrong": print the message, exit 2.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+from bert_jax.errors import BertJaxError
+
+# Errors raised by the libraries we call (ml_collections, numpy, the file system) on bad input:
+# printed as one line with exit code 2 as well. Our own errors derive from BertJaxError.
+_LIBRARY_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
 def setup_logging() -> None:
@@ -19,14 +22,14 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[..., Any], *args: Any) -> Any:
-  """Calls main(*args); a user error or a non-finite loss prints one line and exits non-zero."""
+  """Calls main(*args); a user error or a non-finite loss prints one line and exits with the
+  error's code (2 for bad input, 3 for a NaN/Inf loss)."""
   setup_logging()
-  from bert_jax.pretrain import NonFiniteLossError
   try:
     return main(*args)
-  except NonFiniteLossError as e:
+  except BertJaxError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-  except _USER_ERRORS as e:
+    sys.exit(e.exit_code)
+  except _LIBRARY_USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

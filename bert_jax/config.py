@@ -10,6 +10,12 @@ import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
+# Rematerialisation of each encoder layer in the backward pass: "none" keeps every activation,
+# "full" recomputes the whole layer from its input (saves nothing), the others name
+# `jax.checkpoint_policies` (saved: every matmul output / those without batch dimensions, i.e.
+# not the attention scores).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -28,7 +34,8 @@ class BertConfig:
   initializer_range: float = 0.02  # stddev of the truncated-free normal init
   dtype: str = "float32"  # compute dtype of matmuls ("bfloat16" on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters
-  remat: bool = False  # rematerialise each encoder layer in the backward pass
+  remat: str = "none"  # one of REMAT_POLICIES (old configs' False/True mean "none"/"full")
+  scan_layers: bool = False  # run the layers with nn.scan: params under encoder/layers, [L, ...]
   attention: str = "einsum"  # "einsum" or "dot_product" (jax.nn.dot_product_attention)
 
   def __post_init__(self):
@@ -37,6 +44,10 @@ class BertConfig:
       if value not in _DTYPES:
         raise ValueError(f"BertConfig.{name} must be one of {_DTYPES}, got {value!r}")
       object.__setattr__(self, name, value)
+    if isinstance(self.remat, bool):  # config.json of checkpoints written before the policies
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"BertConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"BertConfig: hidden_size {self.hidden_size} is not divisible by "

@@ -30,6 +30,16 @@ from flax import traverse_util
 
 from bert_jax.config import BertConfig
 from bert_jax.files import replacing_dir
+from bert_jax.params import (
+  OPTIONAL_GROUPS,
+  ConversionError,
+  abstract_params,
+  check_params,
+  complete_params,
+  match_layout,
+  mismatch_report,
+  unstack_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +60,6 @@ _CONFIG_FIELDS = {
     "layer_norm_eps": "layer_norm_eps",
     "initializer_range": "initializer_range",
 }
-
-# Groups of parameters a source may lack entirely: they are then initialised fresh.
-_OPTIONAL = {
-    ("bert", "pooler"): "pooler (bert.pooler.*)",
-    ("mlm",): "masked-LM head (cls.predictions.*)",
-    ("nsp",): "next-sentence head (cls.seq_relationship.*)",
-}
-
-
-class ConversionError(ValueError):
-  """Weights or a config that do not fit the BERT model they are meant for."""
-
 
 # ----------------------------------------------------------------------------- configs
 
@@ -152,122 +150,13 @@ def _table(config: BertConfig) -> list[_Row]:
 
 def _group(path: tuple[str, ...]) -> tuple[str, ...] | None:
   """The optional group a parameter belongs to; None for the (required) encoder."""
-  return next((g for g in _OPTIONAL if path[:len(g)] == g), None)
+  return next((g for g in OPTIONAL_GROUPS if path[:len(g)] == g), None)
 
 
 @functools.cache
 def _hf_shape(kind: _Kind, shape: tuple[int, ...], config: BertConfig) -> tuple[int, ...]:
   return jax.eval_shape(lambda x: kind.to_hf(x, config),
                         jax.ShapeDtypeStruct(shape, jnp.float32)).shape
-
-
-# ----------------------------------------------------------------------------- trees
-
-
-def abstract_params(config: BertConfig) -> Params:
-  """Shapes of our full BertForPreTraining params tree for `config` (nothing is allocated)."""
-  from bert_jax.heads import BertForPreTraining
-  ids = jnp.zeros((1, 1), jnp.int32)
-  init = lambda: BertForPreTraining(config).init(jax.random.key(0), ids, ids, ids, ids)
-  return jax.eval_shape(init)["params"]
-
-
-def _mismatches(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str],
-                most: int = 12) -> str:
-  """'missing (2): a, b; wrong shape (1): c expected (..) found (..)', or '' when all fit."""
-  parts = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-    if items:
-      more = f" ... and {len(items) - most} more" if len(items) > most else ""
-      parts.append(f"{title} ({len(items)}): {', '.join(items[:most])}{more}")
-  return "; ".join(parts)
-
-
-def _fresh(config: BertConfig, group: tuple[str, ...], seed: int = 0) -> Params:
-  """Freshly initialised parameters of one optional group, as our model would init them."""
-  from bert_jax.heads import MaskedLMHead, NextSentenceHead
-  from bert_jax.model import Pooler
-  key = jax.random.fold_in(jax.random.key(seed), list(_OPTIONAL).index(group))
-  D = config.hidden_size
-  x = jnp.zeros((1, 1, D), jnp.float32)
-  if group == ("mlm",):
-    decode = lambda h: h @ jnp.zeros((D, config.vocab_size), h.dtype)
-    tree = MaskedLMHead(config).init(key, x, decode)["params"]
-  elif group == ("nsp",):
-    tree = NextSentenceHead(config).init(key, x[:, 0])["params"]
-  else:
-    tree = Pooler(config).init(key, x)["params"]
-  return {(*group, *path): np.asarray(v) for path, v in traverse_util.flatten_dict(tree).items()}
-
-
-def _fill_absent_groups(config: BertConfig, flat: dict, source: str) -> dict:
-  """Adds fresh parameters for every optional group `flat` lacks entirely, with a warning."""
-  absent = [g for g in _OPTIONAL if not any(p[:len(g)] == g for p in flat)]
-  if absent:
-    log.warning("%s has no weights for the %s: initialised fresh", source,
-                ", ".join(_OPTIONAL[g] for g in absent))
-  for g in absent:
-    flat = {**flat, **_fresh(config, g)}
-  return flat
-
-
-def complete_params(config: BertConfig, params: Mapping[str, Any], source: str = "the params"
-                    ) -> Params:
-  """The full BertForPreTraining tree from `params` (full, {"bert": ...} or a bare encoder):
-  the heads and pooler it lacks are initialised fresh, with a warning naming them."""
-  tree = params if "bert" in params else {"bert": params}
-  flat = _fill_absent_groups(config, traverse_util.flatten_dict(tree), source)
-  return traverse_util.unflatten_dict(flat)
-
-
-# ----------------------------------------------------------------------------- check_params
-
-
-def _dimensions(config: BertConfig, encoder: Mapping[str, Any]) -> list[str]:
-  """'vocab size: the model config says A but the weights have B' for each dimension that
-  differs between `config` and an encoder params tree."""
-  flat = {p: np.shape(v) for p, v in traverse_util.flatten_dict(encoder, sep="/").items()}
-  shape = lambda p: flat.get(p, ())
-  word = shape("embeddings/word_embeddings/embedding")
-  query = shape("encoder/layer_0/attention/query/kernel")
-  found = {
-      "vocab size": (config.vocab_size, word[:1]),
-      "hidden size": (config.hidden_size, word[1:2]),
-      "max positions": (config.max_position_embeddings,
-                        shape("embeddings/position_embeddings/embedding")[:1]),
-      "token types": (config.type_vocab_size,
-                      shape("embeddings/token_type_embeddings/embedding")[:1]),
-      "layer count": (config.num_layers,
-                      (len({p.split("/")[1] for p in flat if p.startswith("encoder/layer_")}),)),
-      "attention heads": (config.num_heads, query[1:2] if len(query) == 3 else ()),
-      "intermediate size": (config.intermediate_size,
-                            shape("encoder/layer_0/ffn/intermediate/kernel")[1:2]),
-  }
-  return [f"{name}: the model config says {want} but the weights have {got[0]}"
-          for name, (want, got) in found.items() if got and got[0] != want]
-
-
-def check_params(config: BertConfig, params: Mapping[str, Any]) -> None:
-  """Raises ConversionError unless `params` fits our model for `config`.
-
-  `params` is the full BertForPreTraining tree ({"bert", "mlm", "nsp"}), the encoder under
-  "bert" alone, or a bare encoder tree. Disagreeing dimensions are named with both values;
-  otherwise missing, unexpected and mis-shaped paths are listed.
-  """
-  tree = params if "bert" in params else {"bert": params}
-  problems = _dimensions(config, tree["bert"])
-  if problems:
-    raise ConversionError("the weights do not fit the model config: " + "; ".join(problems))
-  expected = {k: v for k, v in abstract_params(config).items() if k == "bert" or k in tree}
-  want = {p: v.shape for p, v in traverse_util.flatten_dict(expected, sep="/").items()}
-  got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(tree, sep="/").items()}
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  shapes = [f"{p} expected {want[p]} found {got[p]}" for p in sorted(set(want) & set(got))
-            if want[p] != got[p]]
-  report = _mismatches(missing, unexpected, shapes)
-  if report:
-    raise ConversionError(f"the weights do not fit the model config: {report}")
 
 
 # ----------------------------------------------------------------------------- reading HF
@@ -349,11 +238,12 @@ def _canonical_tensors(raw: Mapping[str, np.ndarray], source: str) -> dict[str, 
 
 
 def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: str) -> Params:
-  """Our BertForPreTraining tree from a Hugging Face state dict (numpy arrays)."""
+  """Our BertForPreTraining tree, in the layout of `config`, from a Hugging Face state dict
+  (numpy arrays)."""
   tensors = _canonical_tensors(raw, source)
-  abstract = traverse_util.flatten_dict(abstract_params(config))
+  abstract = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
   rows = _table(config)
-  present = {g for g in _OPTIONAL for r in rows if _group(r.path) == g and r.hf in tensors}
+  present = {g for g in OPTIONAL_GROUPS for r in rows if _group(r.path) == g and r.hf in tensors}
   flat, missing, shapes = {}, [], []
   for row in rows:
     group = _group(row.path)
@@ -367,16 +257,17 @@ def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: st
       continue
     flat[row.path] = np.asarray(row.kind.to_ours(tensors[row.hf], config), np.float32)
   unexpected = sorted(set(tensors) - {r.hf for r in rows})
-  report = _mismatches(missing, unexpected, shapes)
+  report = mismatch_report(missing, unexpected, shapes)
   if report:
     raise ConversionError(f"{source}: the weights do not match its config.json: {report}")
-  return traverse_util.unflatten_dict(_fill_absent_groups(config, flat, source))
+  return match_layout(complete_params(config, traverse_util.unflatten_dict(flat), source), config)
 
 
 def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
   """(config, params) from a Hugging Face BERT directory.
 
-  params is our full BertForPreTraining tree {"bert", "mlm", "nsp"} of float32 numpy arrays;
+  params is our full BertForPreTraining tree {"bert", "mlm", "nsp"} of float32 numpy arrays,
+  layers unrolled (config.scan_layers is False; `bert_jax.params.match_layout` converts);
   heads (and the pooler) the source lacks are initialised fresh, with a warning naming them.
   """
   path = pathlib.Path(path)
@@ -408,11 +299,13 @@ def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.
   """Writes config.json + model.safetensors (+ the tokenizer file) for
   `transformers.BertForPreTraining.from_pretrained(out_dir)`, atomically.
 
-  params: our full tree, or the encoder alone (the heads are then written freshly initialised).
+  params: our full tree, or the encoder alone (the heads are then written freshly initialised),
+  in either layout.
   """
   from safetensors.numpy import save_file
   check_params(config, params)
-  tensors = _hf_tensors(config, traverse_util.flatten_dict(complete_params(config, params)))
+  params = complete_params(config, unstack_layers(params))
+  tensors = _hf_tensors(config, traverse_util.flatten_dict(params))
   with replacing_dir(out_dir) as tmp:
     (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -1,8 +1,9 @@
 """The fine-tuning loop behind finetune.py: start from our checkpoints or Hugging Face weights,
 train a task head (classification or SQuAD spans) with AdamW, evaluate each epoch, keep the best.
 
-Tasks (bert_jax.tasks) supply features, the model, the loss and the evaluation; this module
-owns the loop: restore, batches, the jitted step, checkpoints, logs, best model, outputs.
+Tasks (bert_jax.tasks) supply features, the objective and the evaluation; the step, the loop,
+checkpoints and preemption are the trainer's (bert_jax.trainer), shared with pretraining; this
+module owns the rest: the starting point, batches, the best model and the output files.
 """
 
 from __future__ import annotations
@@ -13,23 +14,21 @@ import json
 import logging
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from bert_jax import checkpoint, optim, sharding, tokenizer
+from bert_jax import checkpoint, optim, sharding, tokenizer, trainer
 from bert_jax.config import BertConfig, get_variant
+from bert_jax.errors import ConfigError
 from bert_jax.metrics import MetricWriter
-from bert_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
 
-class FinetuneError(ValueError):
+
+class FinetuneError(ConfigError):
   """A fine-tuning input or configuration that cannot run."""
 
 
@@ -49,7 +48,7 @@ def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, path
     if tok is None:
       raise FinetuneError("random initialisation (init_from='') needs --config.tokenizer")
     vocab = tokenizer.load(tok).vocab_size
-    return get_variant(config.model_variant, vocab_size=vocab), None, tok
+    return get_variant(config.model.variant, vocab_size=vocab), None, tok
   path = pathlib.Path(config.init_from)
   if not path.exists():
     raise FinetuneError(f"init_from: {path} does not exist")
@@ -71,44 +70,12 @@ def check_vocab(bert: BertConfig, vocab_size: int, tokenizer_path: pathlib.Path)
                         f"tokenizer {tokenizer_path} has {vocab_size}: they do not belong together")
 
 
-# ----------------------------------------------------------------------------- step
-
-
-def finetune_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_fn
-                  ) -> tuple[TrainState, dict]:
-  """One AdamW update; `loss_fn(outputs, batch) -> (mean loss, metrics)`."""
-  rng = jax.random.fold_in(state.rng, state.step)
-
-  def compute(params):
-    out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                      batch["input_mask"], deterministic=False, rngs={"dropout": rng})
-    return loss_fn(out, batch)
-
-  (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def predict_fn(params, batch, *, model):
-  return model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                     batch["input_mask"], deterministic=True)
-
-
 # ----------------------------------------------------------------------------- batches
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
   """The shuffled example order of one epoch, the same on every process."""
   return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def local_rows(rows: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch of row indices."""
-  per = len(rows) // jax.process_count()
-  return rows[jax.process_index() * per:(jax.process_index() + 1) * per]
 
 
 def take(features: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,14 +90,15 @@ def predict(params, features: dict[str, np.ndarray], batch_size: int, mesh, fn
   for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size)
     rows = np.where(rows < n, rows, 0)
-    batch = sharding.global_batch(take(features, local_rows(rows)), mesh)
+    batch = sharding.global_batch(take(features, rows[sharding.local_rows(len(rows))]),
+                                   mesh)
     out = jax.device_get(fn(params, batch))
     for k, v in out.items():
       outputs.setdefault(k, []).append(np.asarray(v)[: min(batch_size, n - start)])
   return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
 
 @dataclasses.dataclass
@@ -141,19 +109,20 @@ class Run:
   bert: BertConfig
   tokenizer_path: pathlib.Path
   mesh: Any
-  model: Any
+  objective: trainer.Objective
   tx: Any
   schedule: Any
   steps: int
   steps_per_epoch: int
   encoder_params: Any = None  # pretrained encoder to start from (None = random)
+  param_shardings: Any = None  # set once the state exists
 
   @functools.cached_property
   def predict(self):
     """The jitted forward pass for evaluation and prediction (compiled once per run)."""
-    rep, data = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
-    return jax.jit(functools.partial(predict_fn, model=self.model), in_shardings=(rep, data),
-                   out_shardings=rep)
+    return trainer.jit_on_batches(
+        self.mesh, lambda params, batch: self.objective.apply(params, batch, deterministic=True),
+        self.param_shardings)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -165,6 +134,13 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertConfig:
+  """The starting point's architecture with this run's dropout and compute settings."""
+  m, drop = config.model, config.train.dropout
+  return bert.replace(hidden_dropout=drop, attention_dropout=drop, dtype=m.dtype, remat=m.remat,
+                      scan_layers=m.scan_layers, attention=m.attention)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   from bert_jax import tasks
   sharding.init_distributed()
@@ -172,15 +148,16 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   bert, encoder_params, tok_path = load_start(config)
   tok = tokenizer.load(tok_path)
   check_vocab(bert, tok.vocab_size, tok_path)
-  drop = config.train.dropout
-  bert = bert.replace(hidden_dropout=drop, attention_dropout=drop)
+  bert = model_config(config, bert)
   task = tasks.make(config, tok)
-  mesh = sharding.make_mesh(config.train.num_devices or None)
   t = config.train
+  mesh = sharding.make_mesh(t.num_devices or None, t.fsdp)
   for name, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size)):
-    if size % mesh.devices.size:
-      raise FinetuneError(f"train.{name}={size} is not divisible by the "
-                          f"{mesh.devices.size} devices")
+    sharding.check_batch_size(f"train.{name}", size, mesh)
+  if t.grad_accum < 1 or t.batch_size % t.grad_accum or (
+      t.batch_size // t.grad_accum) % mesh.devices.size:
+    raise FinetuneError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} "
+                        f"must be a whole number divisible by the {mesh.devices.size} devices")
   if config.data.max_seq_length > bert.max_position_embeddings:
     raise FinetuneError(f"data.max_seq_length={config.data.max_seq_length} exceeds the "
                         f"position table ({bert.max_position_embeddings})")
@@ -195,58 +172,93 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   schedule = optim.learning_rate_schedule(t.learning_rate, int(t.warmup_fraction * steps), steps)
   tx = optim.make_optimizer("adamw", schedule, weight_decay=t.weight_decay,
                             max_grad_norm=t.max_grad_norm)
-  return Run(config, workdir, task, bert, tok_path, mesh, task.model(bert), tx, schedule, steps,
-             steps_per_epoch, encoder_params)
+  return Run(config, workdir, task, bert, tok_path, mesh, task.objective(bert), tx, schedule,
+             steps, steps_per_epoch, encoder_params)
 
 
-def _fresh_state(run: Run) -> TrainState:
-  seq = run.config.data.max_seq_length
-  rep = sharding.replicated(run.mesh)
-
-  def init():
-    init_rng, rng = jax.random.split(jax.random.PRNGKey(run.config.train.seed))
-    ids = jnp.zeros((1, seq), jnp.int32)
-    params = run.model.init(init_rng, ids, ids, ids)["params"]
-    return params, rng
-
-  params, rng = jax.jit(init, out_shardings=rep)()
+def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:
+  """The newest readable checkpoint of this workdir, else fresh head(s) over the starting
+  encoder; laid out on the current mesh. Returns (state, checkpoint meta)."""
+  seed = run.config.train.seed
+  restored = checkpoint.restore_latest(
+      mngr, trainer.abstract_state(run.objective, run.tx, run.mesh, seed))
+  if restored is not None:
+    step, state, meta = restored
+    log.info("resuming from step %d", step)
+    return state, meta
+  state = trainer.jit_create_state(run.mesh, run.objective, run.tx, seed)
   if run.encoder_params is not None:
+    from bert_jax import params as param_trees
     from bert_jax.convert import check_params
-    check_params(run.bert, {"bert": run.encoder_params})
-    params = {**params, "bert": sharding.put_replicated(run.encoder_params, run.mesh)}
-  opt_state = jax.jit(run.tx.init, out_shardings=rep)(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
+    encoder = param_trees.match_layout(run.encoder_params, run.bert)
+    check_params(run.bert, {"bert": encoder})
+    state = trainer.with_params(state, {**state.params, "bert": encoder}, run.tx)
+  return state, {"best": None}
 
 
 def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
   """Fine-tunes per `config`; returns the best evaluation metrics (or the last train metrics)."""
   workdir = pathlib.Path(workdir)
   run = setup(config, workdir)
-  mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_DIR, config.train.keep_checkpoints)
-  state = _fresh_state(run)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(run.mesh)),
-      state)
-  restored = checkpoint.restore_latest(mngr, abstract)
-  meta = {"best": None}
-  if restored is not None:
-    _, state, meta = restored
-    log.info("resuming from step %d", int(state.step))
+  t = config.train
+  mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_DIR, t.keep_checkpoints)
+  state, meta = initial_state(run, mngr)
+  shardings = trainer.shardings_of(state)
+  run.param_shardings = shardings.params
+  best = {"value": meta.get("best")}
+  features = run.task.train_features()
+  orders = _EpochOrders(len(features["input_ids"]), t.seed)
+
+  def batch(step: int) -> dict[str, np.ndarray]:
+    epoch, index = divmod(step, run.steps_per_epoch)
+    rows = orders(epoch)[index * t.batch_size:(index + 1) * t.batch_size]
+    return take(features, rows[sharding.local_rows(t.batch_size)])
+
+  def evaluate(st, step: int) -> dict[str, float]:
+    best["value"], results = _end_of_epoch(run, st, step, best["value"])
+    return results
+
+  every = t.checkpoint_every or run.steps_per_epoch
   writer = MetricWriter(workdir)
+  loop = trainer.Loop(
+      mesh=run.mesh, step_fn=trainer.jit_train_step(
+          run.mesh, shardings, objective=run.objective, tx=run.tx, schedule=run.schedule,
+          grad_accum=t.grad_accum),
+      batch=batch, total_steps=run.steps, log_every=t.log_every,
+      should_evaluate=lambda step: step % run.steps_per_epoch == 0, evaluate=evaluate,
+      should_checkpoint=lambda step: step % every == 0,
+      save=lambda step, st: checkpoint.save(
+          mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict()}),
+      writer=writer, progress_bar=t.progress_bar,
+      tokens_per_step=t.batch_size * config.data.max_seq_length)
   try:
-    best, state = _loop(run, state, mngr, meta, writer)
+    state, last = trainer.fit(loop, state)
   finally:
     writer.close()
   if getattr(run.task, "predict_examples", None):
     _predict_file(run, state)
-  return best
+  return best["value"] or last
 
 
-def _predict_file(run: Run, state: TrainState) -> None:
+class _EpochOrders:
+  """The shuffled order of each epoch, computed once per epoch."""
+
+  def __init__(self, n: int, seed: int):
+    self.n, self.seed, self.epoch, self.order = n, seed, -1, None
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    if epoch != self.epoch:
+      self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
+    return self.order
+
+
+def _predict_file(run: Run, state: trainer.TrainState) -> None:
   """Predictions for data.predict_file, with the best model (the last one without evaluation)."""
   params = state.params
   if run.config.data.eval_file and (run.workdir / "best" / "config.json").exists():
-    params = sharding.put_replicated(checkpoint.load_model(run.workdir / "best")[1], run.mesh)
+    from bert_jax import params as param_trees
+    best = param_trees.match_layout(checkpoint.load_model(run.workdir / "best")[1], run.bert)
+    params = sharding.put(best, run.param_shardings)
   outputs = predict(params, run.task.predict_features(), run.config.train.eval_batch_size,
                     run.mesh, run.predict)
   for name, obj in run.task.predictions(outputs).items():
@@ -254,57 +266,16 @@ def _predict_file(run: Run, state: TrainState) -> None:
     log.info("wrote %s", run.workdir / name)
 
 
-def _loop(run: Run, state: TrainState, mngr, meta: dict, writer: MetricWriter) -> dict:
-  t = run.config.train
-  rep, data = sharding.replicated(run.mesh), sharding.batch_sharded(run.mesh)
-  step_fn = jax.jit(functools.partial(finetune_step, model=run.model, tx=run.tx,
-                                      schedule=run.schedule, loss_fn=run.task.loss),
-                    in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
-  features = run.task.train_features()
-  n = len(features["input_ids"])
-  step = int(state.step)
-  bar = None
-  if t.progress_bar and jax.process_index() == 0:
-    from tqdm import tqdm
-    bar = tqdm(total=run.steps, initial=step, unit="step", dynamic_ncols=True)
-  best, last, tic = meta.get("best"), {}, time.perf_counter()
-  order_epoch, order = -1, None
-  while step < run.steps:
-    epoch, index = divmod(step, run.steps_per_epoch)
-    if epoch != order_epoch:
-      order_epoch, order = epoch, epoch_order(n, t.seed, epoch)
-    rows = order[index * t.batch_size:(index + 1) * t.batch_size]
-    batch = sharding.global_batch(take(features, local_rows(rows)), run.mesh)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    if step % t.log_every == 0 or step == run.steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(last["loss"]):
-        raise FinetuneError(f"step {step}: loss is {last['loss']}; the last checkpoint is intact")
-      last["seconds_per_step"] = (time.perf_counter() - tic) / t.log_every
-      tic = time.perf_counter()
-      writer.write(step, last)
-      if bar is not None:
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-    if bar is not None:
-      bar.update(1)
-    if step % run.steps_per_epoch == 0 or step == run.steps:
-      best = _end_of_epoch(run, state, step, best, writer)
-      checkpoint.save(mngr, step, state, {"best": best, "model_config": run.bert.to_dict()})
-  if bar is not None:
-    bar.close()
-  return best or last, state
-
-
-def _end_of_epoch(run: Run, state, step: int, best: dict | None, writer) -> dict | None:
-  """Evaluates, writes outputs of a new best, exports the best model to <workdir>/best."""
+def _end_of_epoch(run: Run, state, step: int, best: dict | None
+                  ) -> tuple[dict | None, dict[str, float]]:
+  """Evaluates, writes outputs of a new best, exports the best model to <workdir>/best.
+  Returns (best so far, this evaluation's results)."""
   if not run.config.data.eval_file:
     checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
-    return best
+    return best, {}
   outputs = predict(state.params, run.task.eval_features(), run.config.train.eval_batch_size,
                     run.mesh, run.predict)
   results, files = run.task.evaluate(outputs)
-  writer.write(step, results, "eval")
   log.info("step %d eval: %s", step, json.dumps(results))
   key = run.config.train.metric or run.task.default_metric
   if key not in results:
@@ -315,4 +286,4 @@ def _end_of_epoch(run: Run, state, step: int, best: dict | None, writer) -> dict
     for name, obj in files.items():
       _write_json(run.workdir / name, obj)
     checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
-  return best
+  return best, results

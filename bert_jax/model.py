@@ -160,18 +160,38 @@ class EncoderLayer(nn.Module):
     return layer_norm(cfg, "ffn_layer_norm")(x + drop(h, deterministic=deterministic))
 
 
+LAYERS = "layers"  # the name of the scanned layer stack: params encoder/layers/..., [L, ...]
+
+
+def _remat_layer(config: BertConfig) -> type[EncoderLayer]:
+  """EncoderLayer rematerialised as `config.remat` says (REMAT_POLICIES in config.py)."""
+  if config.remat == "none":
+    return EncoderLayer
+  policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+  # scan itself keeps XLA from merging the recomputation into the forward pass.
+  return nn.remat(EncoderLayer, static_argnums=(3,), policy=policy,
+                  prevent_cse=not config.scan_layers)
+
+
 class Encoder(nn.Module):
-  """`num_layers` EncoderLayers, optionally rematerialised: [B, T, D] -> [B, T, D]."""
+  """`num_layers` EncoderLayers, unrolled (params `layer_0` ... `layer_{L-1}`) or scanned
+  (params `layers`, each leaf with a leading [L] axis): [B, T, D] -> [B, T, D]."""
 
   config: BertConfig
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
-    layer_cls = EncoderLayer
-    if self.config.remat:
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
-    for i in range(self.config.num_layers):
-      x = layer_cls(self.config, name=f"layer_{i}")(x, mask, deterministic)
+    cfg = self.config
+    layer_cls = _remat_layer(cfg)
+    if cfg.scan_layers:
+      body = lambda layer, x, mask, deterministic: (layer(x, mask, deterministic), None)
+      stack = nn.scan(body, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+      x, _ = stack(layer_cls(cfg, name=LAYERS), x, mask, deterministic)
+      return x
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
     return x
 
 

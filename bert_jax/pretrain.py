@@ -6,29 +6,40 @@ import dataclasses
 import logging
 import pathlib
 import shutil
-import signal
-import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bert_jax import checkpoint, losses, optim, sharding, train_step
+from bert_jax import checkpoint, losses, optim, sharding, trainer
 from bert_jax.config import BertConfig, get_variant
+from bert_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 - raised from here
 from bert_jax.heads import BertForPreTraining
 from bert_jax.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot run; raised before anything compiles."""
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf."""
+def pretraining_objective(bert: BertConfig, seq_len: int, num_predictions: int
+                          ) -> trainer.Objective:
+  """Masked-LM loss (mean over the real masked positions of the global batch) + next-sentence
+  loss (mean over its sequences). Batches: input_ids, input_mask, segment_ids [B, T] int32;
+  masked_lm_positions, masked_lm_ids [B, P] int32; masked_lm_weights [B, P] float32;
+  next_sentence_labels [B] int32."""
+  counts = lambda b: {  # noqa: E731
+      "mlm_count": jnp.sum(b["masked_lm_weights"].astype(jnp.float32)),
+      "nsp_count": jnp.float32(b["next_sentence_labels"].shape[0])}
+  return trainer.Objective(
+      model=BertForPreTraining(bert),
+      inputs=("input_ids", "segment_ids", "input_mask", "masked_lm_positions"),
+      sums=losses.pretraining_sums, counts=counts,
+      terms=(("mlm_loss", "mlm_count"), ("nsp_loss", "nsp_count")),
+      metrics=losses.pretraining_metrics,
+      example_shapes={"input_ids": (seq_len,), "segment_ids": (seq_len,),
+                      "input_mask": (seq_len,), "masked_lm_positions": (num_predictions,)})
 
 
 # ----------------------------------------------------------------------------- setup
@@ -121,7 +132,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> BertConf
   return get_variant(m.variant, vocab_size=vocab_size,
                      max_position_embeddings=m.max_position_embeddings,
                      hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-                     dtype=m.dtype, remat=m.remat, attention=m.attention)
+                     dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+                     attention=m.attention)
 
 
 def check_config(config: ml_collections.ConfigDict, bert: BertConfig, mesh, manifest: dict
@@ -129,9 +141,8 @@ def check_config(config: ml_collections.ConfigDict, bert: BertConfig, mesh, mani
   """Refuses a configuration that cannot run, before any compilation."""
   t = config.train
   n = mesh.devices.size
-  if t.batch_size % n:
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n} devices")
-  if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % n:
+  sharding.check_batch_size("train.batch_size", t.batch_size, mesh)
+  if t.grad_accum < 1 or t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % n:
     raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} must "
                       f"be a whole number divisible by the {n} devices")
   seq = int(manifest["max_seq_length"])
@@ -149,7 +160,7 @@ class Setup:
 
   bert: BertConfig
   mesh: Any
-  model: BertForPreTraining
+  objective: trainer.Objective
   tx: Any
   schedule: Any
   data_dir: pathlib.Path
@@ -162,7 +173,7 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
   from bert_jax.data import pretraining
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.train.num_devices or None)
+  mesh = sharding.make_mesh(config.train.num_devices or None, config.train.fsdp)
   tok_path = prepare_tokenizer(config, workdir)
   tok = tokenizer.load(tok_path)
   data_dir = prepare_data(config, workdir, tok_path)
@@ -178,36 +189,34 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
                                           t.end_lr_fraction)
   tx = optim.make_optimizer(t.optimizer, schedule, weight_decay=t.weight_decay, b1=t.b1,
                             b2=t.b2, eps=t.eps, max_grad_norm=t.max_grad_norm)
-  return Setup(bert, mesh, BertForPreTraining(bert), tx, schedule, data_dir, manifest, tok_path)
+  objective = pretraining_objective(bert, int(manifest["max_seq_length"]),
+                                    int(manifest["max_predictions_per_seq"]))
+  return Setup(bert, mesh, objective, tx, schedule, data_dir, manifest, tok_path)
 
 
 # ----------------------------------------------------------------------------- state
 
 
 def initial_state(s: Setup, config: ml_collections.ConfigDict, mngr
-                  ) -> tuple[train_step.TrainState, dict | None]:
-  """The newest readable checkpoint of this workdir, else phase-1 weights, else fresh."""
-  seq, preds = int(s.manifest["max_seq_length"]), int(s.manifest["max_predictions_per_seq"])
-  abstract = jax.eval_shape(lambda: train_step.create_state(
-      s.model, s.tx, config.train.seed, seq, preds))
-  rep = sharding.replicated(s.mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+                  ) -> tuple[trainer.TrainState, dict | None]:
+  """The newest readable checkpoint of this workdir, else phase-1 weights, else fresh; laid out
+  on the current mesh."""
+  abstract = trainer.abstract_state(s.objective, s.tx, s.mesh, config.train.seed)
   restored = checkpoint.restore_latest(mngr, abstract)
   if restored is not None:
     step, state, meta = restored
     log.info("resuming from step %d in %s", step, mngr.directory)
     return state, meta
-  state = train_step.jit_create_state(s.mesh, s.model, s.tx, config.train.seed, seq, preds)
+  state = trainer.jit_create_state(s.mesh, s.objective, s.tx, config.train.seed)
   if config.train.init_from:
+    from bert_jax import params as param_trees
     from bert_jax.convert import check_params, complete_params
     init_config, params = checkpoint.load_model(config.train.init_from)
+    params = param_trees.match_layout(params, s.bert)
     check_params(s.bert, params)
     params = complete_params(s.bert, params)  # heads absent from an encoder-only export
     log.info("initialising from %s (%s)", config.train.init_from, init_config)
-    params = sharding.put_replicated(params, s.mesh)
-    state = state.replace(params=params, opt_state=jax.jit(
-        s.tx.init, out_shardings=rep)(params))
+    state = trainer.with_params(state, params, s.tx)
   return state, None
 
 
@@ -240,38 +249,6 @@ def evaluate(s: Setup, config: ml_collections.ConfigDict, eval_fn, params) -> di
 # ----------------------------------------------------------------------------- the loop
 
 
-class _StopFlag:
-  """Set by SIGTERM/SIGINT (single process) or the coordination service's preemption notice."""
-
-  def __init__(self):
-    self.signum = 0
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, self._handle)
-
-  def _handle(self, signum, _frame):
-    self.signum = signum
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signum != 0
-
-
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-  if not np.isfinite(metrics["loss"]):
-    raise NonFiniteLossError(
-        f"step {step}: loss is {metrics['loss']} (mlm {metrics['mlm_loss']}, nsp "
-        f"{metrics['nsp_loss']}); stopping without saving: the last checkpoint is intact")
-
-
-def _progress(config, start: int):
-  if not (config.train.progress_bar and jax.process_index() == 0):
-    return None
-  from tqdm import tqdm
-  return tqdm(total=config.train.steps, initial=start, unit="step", dynamic_ncols=True)
-
-
 def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
   """Pretrains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last
   logged train metrics plus the final evaluation."""
@@ -286,64 +263,26 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
                              process_count=jax.process_count(), shuffle=True)
   if meta is not None:
     loader.set_state(meta["loader"])
-  step_fn = train_step.jit_pretraining_step(s.mesh, model=s.model, tx=s.tx,
-                                            schedule=s.schedule, grad_accum=t.grad_accum)
-  eval_fn = train_step.jit_eval_sums(s.mesh, s.model)
+  state_shardings = trainer.shardings_of(state)
+  step_fn = trainer.jit_train_step(s.mesh, state_shardings, objective=s.objective, tx=s.tx,
+                                   schedule=s.schedule, grad_accum=t.grad_accum)
+  eval_fn = trainer.jit_on_batches(
+      s.mesh, lambda params, batch: s.objective.batch_sums(params, batch, deterministic=True),
+      state_shardings.params)
   writer = MetricWriter(workdir)
-  stop = _StopFlag()
-  step = int(state.step)
-  log.info("model %s: %s; %d devices; global batch %d x %d", config.model.variant, s.bert,
-           s.mesh.devices.size, t.batch_size, s.manifest["max_seq_length"])
+  log.info("model %s: %s; mesh %s; global batch %d x %d", config.model.variant, s.bert,
+           dict(s.mesh.shape), t.batch_size, s.manifest["max_seq_length"])
+  loop = trainer.Loop(
+      mesh=s.mesh, step_fn=step_fn, batch=lambda _: next(loader), total_steps=t.steps,
+      log_every=t.log_every,
+      should_evaluate=lambda step: bool(t.eval_every) and step % t.eval_every == 0,
+      evaluate=lambda st, _: evaluate(s, config, eval_fn, st.params),
+      should_checkpoint=lambda step: step % t.checkpoint_every == 0,
+      save=lambda step, st: checkpoint.save(mngr, step, st, _meta(s, config, loader.get_state())),
+      writer=writer, progress_bar=t.progress_bar,
+      tokens_per_step=t.batch_size * int(s.manifest["max_seq_length"]))
   try:
-    last = _train_loop(s, config, state, step, loader, step_fn, eval_fn, writer, mngr, stop)
+    _, last = trainer.fit(loop, state)
   finally:
     writer.close()
   return last
-
-
-def _train_loop(s, config, state, step, loader, step_fn, eval_fn, writer, mngr, stop):
-  t = config.train
-  tokens_per_step = t.batch_size * int(s.manifest["max_seq_length"])
-  bar = _progress(config, step)
-  pending = None  # (step, metrics on device): read one step late so the host never stalls
-  window_start, window_steps, last = time.perf_counter(), 0, {}
-  while step < t.steps:
-    batch = sharding.global_batch(next(loader), s.mesh)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    window_steps += 1
-    if pending is not None:
-      _check_finite(*_host_metrics(pending))
-    pending = (step, metrics)
-    if step % t.log_every == 0 or step == t.steps:
-      _, host = _host_metrics(pending)
-      _check_finite(step, host)
-      elapsed = time.perf_counter() - window_start
-      host.update(seconds_per_step=elapsed / window_steps,
-                  tokens_per_s=tokens_per_step * window_steps / elapsed)
-      writer.write(step, host)
-      last = host
-      window_start, window_steps = time.perf_counter(), 0
-      if bar is not None:
-        bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_s']:.0f}")
-    if bar is not None:
-      bar.update(1)
-    if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-      last.update({f"eval_{k}": v for k, v in evaluate(s, config, eval_fn, state.params).items()})
-      writer.write(step, {k[5:]: v for k, v in last.items() if k.startswith("eval_")}, "eval")
-      window_start = time.perf_counter()
-    stopping = stop.should_stop(step)
-    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-      _check_finite(*_host_metrics(pending))
-      checkpoint.save(mngr, step, state, _meta(s, config, loader.get_state()))
-    if stopping:
-      log.warning("stopped by a signal at step %d; checkpoint saved", step)
-      raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-  if bar is not None:
-    bar.close()
-  return last
-
-
-def _host_metrics(pending) -> tuple[int, dict[str, float]]:
-  step, metrics = pending
-  return step, {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -3,8 +3,8 @@ evaluation, output files). The loop itself lives in bert_jax.finetune.
 
 A task gives:
   num_train_features(), train_features(), eval_features() -> dicts of numpy arrays
-  model(bert_config) -> a Flax module called as (input_ids, segment_ids, input_mask, deterministic)
-  loss(outputs, batch) -> (mean loss, metrics), traced inside the jitted step
+  objective(bert_config) -> the trainer.Objective: the model (called as (input_ids, segment_ids,
+    input_mask, deterministic)) and the loss as sums over rows / counts of the global batch
   evaluate(outputs) -> (results {name: float}, files {file name: JSON object})
   predict_features() / predictions(outputs) for an optional unlabelled file
   default_metric: the result that picks the best checkpoint
@@ -19,15 +19,30 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from bert_jax import squad_eval
+from bert_jax import losses, squad_eval, trainer
 from bert_jax.data import classification, squad
 from bert_jax.heads import BertForQuestionAnswering, BertForSequenceClassification
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids")
+MODEL_ARGS = ("input_ids", "segment_ids", "input_mask")  # the order the task models take them
+
+
+def _objective(model, seq_len: int, sums, metrics) -> trainer.Objective:
+  """A fine-tuning objective: one loss sum ("loss") over the rows, divided by the row count."""
+  return trainer.Objective(
+      model=model, inputs=MODEL_ARGS, sums=sums,
+      counts=lambda b: {"count": jnp.float32(b["input_ids"].shape[0])},
+      terms=(("loss", "count"),), metrics=metrics,
+      example_shapes={k: (seq_len,) for k in MODEL_ARGS})
+
+
+def _means(sums: dict) -> dict:
+  """{"loss", "count", x...} sums -> means of everything but the count."""
+  n = jnp.maximum(sums["count"], 1.0)
+  return {k: v / n for k, v in sums.items() if k != "count"}
 
 
 def _inputs(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,16 +108,18 @@ class ClassificationTask:
   def predict_features(self) -> dict[str, np.ndarray]:
     return _inputs(self._features(self.predict_examples))
 
-  def model(self, bert):
-    return BertForSequenceClassification(bert, self.num_labels)
+  def objective(self, bert) -> trainer.Objective:
+    return _objective(BertForSequenceClassification(bert, self.num_labels), self.max_seq_length,
+                      self._sums, _means)
 
-  def loss(self, outputs, batch):
-    logits = outputs["logits"]
+  def _sums(self, outputs, batch):
+    logits, labels = outputs["logits"], batch["label"]
+    count = jnp.float32(logits.shape[0])
     if self.regression:
-      loss = jnp.mean((logits[:, 0] - batch["label"]) ** 2)
-      return loss, {}
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+      return {"loss": jnp.sum((logits[:, 0] - labels) ** 2), "count": count}
+    ones = jnp.ones(labels.shape, jnp.float32)
+    return {"loss": losses.cross_entropy_sum(logits, labels, ones)[0],
+            "accuracy": losses.accuracy_sum(logits, labels, ones)[0], "count": count}
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     return classification.compute_metrics(outputs["logits"], self._eval["label"],
@@ -159,16 +176,21 @@ class SquadTask:
   def eval_features(self) -> dict[str, np.ndarray]:
     return _inputs(self._eval[0])
 
-  def model(self, bert):
-    return BertForQuestionAnswering(bert)
+  def objective(self, bert) -> trainer.Objective:
+    return _objective(BertForQuestionAnswering(bert), self.data.max_seq_length, self._sums,
+                      _means)
 
-  def loss(self, outputs, batch):
-    ce = optax.softmax_cross_entropy_with_integer_labels
+  @staticmethod
+  def _sums(outputs, batch):
+    """The loss is the mean of the start and end cross-entropies."""
     start, end = outputs["start_logits"], outputs["end_logits"]
-    loss = (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean())
-    return loss / 2, {
-        "start_accuracy": jnp.mean(jnp.argmax(start, -1) == batch["start_positions"]),
-        "end_accuracy": jnp.mean(jnp.argmax(end, -1) == batch["end_positions"])}
+    ones = jnp.ones(batch["start_positions"].shape, jnp.float32)
+    ce = lambda logits, labels: losses.cross_entropy_sum(logits, labels, ones)[0]  # noqa: E731
+    acc = lambda logits, labels: losses.accuracy_sum(logits, labels, ones)[0]  # noqa: E731
+    return {"loss": (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / 2,
+            "start_accuracy": acc(start, batch["start_positions"]),
+            "end_accuracy": acc(end, batch["end_positions"]),
+            "count": jnp.float32(start.shape[0])}
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     d = self.data

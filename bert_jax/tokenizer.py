@@ -34,6 +34,7 @@ import numpy as np
 
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
+from bert_jax.errors import BertJaxError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 
               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BertJaxError, ValueError):
   """A tokenizer file that cannot be used: the message names the file and what is wrong."""
 
 

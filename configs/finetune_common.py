@@ -7,8 +7,14 @@ def base(task: str, epochs: int, learning_rate: float) -> ml_collections.ConfigD
   c = ml_collections.ConfigDict()
   c.task = task  # which fine-tuning task (classification or squad)
   c.init_from = ""  # our pretraining workdir / model dir, or a Hugging Face BERT dir ("" = random)
-  c.model_variant = "tiny"  # size used only when init_from is "" (random initialisation)
   c.tokenizer = ""  # tokenizer file; "" = the one inside init_from
+
+  c.model = ml_collections.ConfigDict()  # how the starting model runs (its sizes come with it)
+  c.model.variant = "tiny"  # size used only when init_from is "" (random initialisation)
+  c.model.dtype = "float32"  # matmul dtype: "bfloat16" on TPU/GPU (slower on CPU)
+  c.model.remat = "none"  # recompute in the backward pass: none, full, dots_saveable, ...
+  c.model.scan_layers = False  # run the layers with nn.scan (compile time flat in depth)
+  c.model.attention = "einsum"  # "einsum" or "dot_product" (fused kernels where available)
   c.data = ml_collections.ConfigDict()  # filled by the task's config
 
   c.train = ml_collections.ConfigDict()
@@ -22,8 +28,11 @@ def base(task: str, epochs: int, learning_rate: float) -> ml_collections.ConfigD
   c.train.max_grad_norm = 1.0  # global gradient-norm clipping
   c.train.dropout = 0.1  # hidden and attention dropout while fine-tuning
   c.train.seed = 0  # head init, dropout and shuffling
+  c.train.grad_accum = 1  # micro-batches per update (batch_size must divide)
   c.train.num_devices = 0  # 0 = all devices
+  c.train.fsdp = 1  # devices per FSDP group sharding params + optimizer state (1 = replicated)
   c.train.log_every = 20  # steps between metric records
+  c.train.checkpoint_every = 0  # steps between checkpoints (0 = at the end of each epoch)
   c.train.keep_checkpoints = 2  # resumable checkpoints kept
   c.train.progress_bar = True  # tqdm bar on the terminal
   c.train.metric = ""  # result that picks the best checkpoint ("" = the task's own)

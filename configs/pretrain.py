@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hidden_dropout = 0.1  # dropout on embeddings and sub-layer outputs
   c.model.attention_dropout = 0.1  # dropout on attention probabilities
   c.model.dtype = "float32"  # matmul dtype: "bfloat16" on TPU/GPU (slower on CPU)
-  c.model.remat = False  # recompute layer activations in the backward pass to save memory
+  c.model.remat = "none"  # recompute in the backward pass: none, full, dots_saveable, ...
+  c.model.scan_layers = False  # run the layers with nn.scan (compile time flat in depth)
   c.model.attention = "einsum"  # "einsum" or "dot_product" (fused kernels where available)
 
   c.data = ml_collections.ConfigDict()
@@ -83,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.max_grad_norm = 1.0  # global gradient-norm clipping (0 = off)
   c.train.seed = 0  # parameter init, dropout and data-order seed
   c.train.num_devices = 0  # 0 = every device of every process
+  c.train.fsdp = 1  # devices per FSDP group sharding params + optimizer state (1 = replicated)
   c.train.init_from = ""  # phase 2: a phase-1 workdir or model directory to start from
 
   c.train.log_every = 10  # steps between metric records

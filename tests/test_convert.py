@@ -13,6 +13,7 @@ import pytest
 
 import bert_jax
 from bert_jax import checkpoint, convert
+from bert_jax import params as layout
 from bert_jax.config import get_variant
 from bert_jax.heads import BertForPreTraining
 
@@ -133,6 +134,26 @@ def test_load_hf_matches_transformers(loaded, reference):
     _assert_close({k: np.asarray(v) for k, v in out.items()}, {k: reference[k] for k in out})
   with pytest.raises(ValueError, match="seq <= 64"):
     bert_jax.encode(config, params, np.zeros((1, 65), np.int32))
+
+
+def test_scanned_model_matches_transformers(loaded, reference):
+  config, params = loaded
+  scanned = config.replace(scan_layers=True)
+  _assert_close(_ours(scanned, layout.match_layout(params, scanned)), reference)
+  out = bert_jax.encode(scanned, params, *_batch())  # converts the unrolled tree it is given
+  _assert_close({k: np.asarray(v) for k, v in out.items()}, {k: reference[k] for k in out})
+
+
+def test_scanned_tree_exports_like_the_unrolled_one(loaded, tmp_path):
+  config, params = loaded
+  unrolled = convert.to_hf(config, params, tmp_path / "unrolled")
+  scanned = convert.to_hf(config.replace(scan_layers=True), layout.stack_layers(params),
+                          tmp_path / "scanned")
+  assert (scanned / "config.json").read_text() == (unrolled / "config.json").read_text()
+  want, got = _tensors(unrolled), _tensors(scanned)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_cli_round_trip(hf_dir, reference, tmp_path):
@@ -276,7 +297,8 @@ def test_cli_error_is_one_line(tmp_path):
 
 def test_check_params_names_dimensions(loaded):
   config, params = loaded
-  for tree in (params, {"bert": params["bert"]}, params["bert"]):
+  stacked = layout.stack_layers(params)
+  for tree in (params, {"bert": params["bert"]}, params["bert"], stacked, stacked["bert"]):
     convert.check_params(config, tree)
   cases = [(config.replace(vocab_size=30522), "vocab size: the model config says 30522 but the "
             "weights have 99"),

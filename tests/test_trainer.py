@@ -1,0 +1,192 @@
+"""The one trainer's step on meshes (data, fsdp): exact data parallelism and FSDP (the same losses
+on any mesh), exact gradient accumulation reduced once, state bytes per device, one compile."""
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from bert_jax import optim, sharding, trainer
+from bert_jax.config import BertConfig, get_variant
+from bert_jax.heads import BertForPreTraining
+from bert_jax.pretrain import pretraining_objective
+
+CFG = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+                 max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+DROPOUT = CFG.replace(hidden_dropout=0.1, attention_dropout=0.1)
+B, T, P = 32, 24, 5
+
+
+def synthetic_batch(seed: int, batch_size: int = B) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  mask = np.ones((batch_size, T), np.int32)
+  lengths = rng.integers(P + 2, T + 1, batch_size)
+  mask[np.arange(T)[None] >= lengths[:, None]] = 0
+  pos = np.stack([np.sort(rng.choice(np.arange(1, n - 1), P, replace=False)) for n in lengths])
+  weights = np.ones((batch_size, P), np.float32)
+  weights[::3, -2:] = 0.0
+  return {"input_ids": (rng.integers(5, 99, (batch_size, T)) * mask).astype(np.int32),
+          "input_mask": mask,
+          "segment_ids": ((np.arange(T)[None] > lengths[:, None] // 2) * mask).astype(np.int32),
+          "masked_lm_positions": (pos * (weights > 0)).astype(np.int32),
+          "masked_lm_ids": (rng.integers(5, 99, (batch_size, P)) * (weights > 0)).astype(np.int32),
+          "masked_lm_weights": weights,
+          "next_sentence_labels": rng.integers(0, 2, batch_size).astype(np.int32)}
+
+
+def _setup(num_devices, fsdp, grad_accum, cfg):
+  mesh = sharding.make_mesh(num_devices, fsdp)
+  objective = pretraining_objective(cfg, T, P)
+  schedule = optim.learning_rate_schedule(1e-3, 1, 10)
+  tx = optim.make_optimizer("adamw", schedule)
+  state = trainer.jit_create_state(mesh, objective, tx, 0)
+  step = trainer.jit_train_step(mesh, trainer.shardings_of(state), objective=objective, tx=tx,
+                                schedule=schedule, grad_accum=grad_accum)
+  return mesh, state, step
+
+
+@pytest.fixture(autouse=True)
+def shard_small_arrays(monkeypatch):
+  """Shard every array the fsdp width divides, so that the tiny model really is split."""
+  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)
+
+
+def run(num_devices: int, fsdp: int = 1, grad_accum: int = 1, steps: int = 5,
+        cfg: BertConfig = CFG):
+  mesh, state, step = _setup(num_devices, fsdp, grad_accum, cfg)
+  losses = []
+  for i in range(steps):
+    state, metrics = step(state, sharding.global_batch(synthetic_batch(i), mesh))
+    losses.append(float(metrics["loss"]))
+  assert step._cache_size() == 1  # compiled once, never retraced
+  return np.array(losses), jax.device_get(state.params)
+
+
+cached_run = functools.lru_cache(run)
+
+
+def _assert_close(a, b, atol=1e-5):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_every_mesh_equals_one_device(data, fsdp):
+  # With dropout on: the step keys give the same masks whatever the mesh.
+  losses1, params1 = cached_run(1, cfg=DROPOUT)
+  losses, params = cached_run(data * fsdp, fsdp, cfg=DROPOUT)
+  assert np.all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
+  np.testing.assert_allclose(losses, losses1, rtol=1e-5, atol=0)
+  _assert_close(params, params1)
+
+
+def test_fsdp_really_splits_the_state():
+  mesh, state, _ = _setup(8, 8, 1, CFG)
+  kernel = state.params["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp")  # [D, N, H]: D is largest
+  mu = state.opt_state[1][0].mu["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+  assert mu.sharding == kernel.sharding
+  assert kernel.addressable_shards[0].data.shape == (4, 4, 8)
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_gradient_accumulation_is_exact(fsdp):
+  losses1, params1 = cached_run(8, fsdp, grad_accum=1)
+  losses4, params4 = cached_run(8, fsdp, grad_accum=4)
+  np.testing.assert_allclose(losses1, losses4, atol=1e-5, rtol=0)
+  _assert_close(params1, params4)
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """HLO module text -> {computation name: its text}."""
+  out = {}
+  for block in re.split(r"\n(?=\S)", hlo):
+    m = re.match(r"(?:ENTRY )?(%[\w.\-]+)", block)
+    if m:
+      out[m.group(1)] = block
+  return out
+
+
+_REDUCTION = re.compile(r"\b(all-reduce|all-reduce-start|reduce-scatter)\(")
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_accumulation_reduces_the_gradient_once(fsdp):
+  mesh, state, step = _setup(8, fsdp, 4, CFG)
+  hlo = step.lower(state, sharding.global_batch(synthetic_batch(0), mesh)).compile().as_text()
+  comps = _computations(hlo)
+  bodies = re.findall(r"body=(%[\w.\-]+)", hlo)
+  assert bodies, "no accumulation loop in the compiled step"
+  for body in bodies:
+    assert not _REDUCTION.search(comps[body]), f"a cross-device reduction inside {body}"
+  # Outside the loop: the gradient (every parameter, e.g. the f32[99] MLM output bias) is reduced
+  # by exactly one collective, besides the scalar reduction of the batch's masked-LM count.
+  grad_reductions = [line for line in hlo.splitlines()
+                     if _REDUCTION.search(line) and "f32[99]" in line.split("=", 1)[1]]
+  assert len(grad_reductions) == 1, grad_reductions
+
+
+def test_fsdp_state_bytes_per_device():
+  cfg = get_variant("mini", vocab_size=8000, hidden_dropout=0.0, attention_dropout=0.0)
+  sharding.MIN_SHARDED_SIZE = 2**14  # the real rule
+  sizes = {}
+  for fsdp in (1, 8):
+    _, state, _ = _setup(8, fsdp, 1, cfg)
+    sizes[fsdp] = sharding.bytes_per_device((state.params, state.opt_state))
+    del state
+  assert sizes[8] <= sizes[1] / 7, sizes
+
+
+def _planned_bytes(cfg: BertConfig, fsdp: int):
+  """(state bytes per device, mesh, abstract state, objective, optimizer), nothing allocated."""
+  mesh = sharding.make_mesh(8, fsdp)
+  objective = pretraining_objective(cfg, 128, 20)
+  tx = optim.make_optimizer("adamw", optim.learning_rate_schedule(1e-4, 10, 100))
+  abstract = trainer.abstract_state(objective, tx, mesh)
+  shardings = trainer.shardings_of(abstract)
+  state_bytes = sharding.planned_bytes_per_device((abstract.params, abstract.opt_state),
+                                                  (shardings.params, shardings.opt_state))
+  return state_bytes, mesh, abstract, objective, tx
+
+
+BILLION = BertConfig(vocab_size=30522, hidden_size=2048, num_layers=24, num_heads=16,
+                     intermediate_size=8192, scan_layers=True)
+
+
+@pytest.mark.parametrize("cfg", [get_variant("large"), get_variant("large", scan_layers=True),
+                                 BILLION], ids=["large", "large-scanned", "1B-scanned"])
+def test_fsdp_plan_for_big_models(cfg):
+  sharding.MIN_SHARDED_SIZE = 2**14
+  replicated = _planned_bytes(cfg, 1)[0]
+  sharded = _planned_bytes(cfg, 8)[0]
+  assert sharded <= replicated / 7, (sharded, replicated)
+
+
+def test_billion_parameter_step_compiles_with_fsdp():
+  sharding.MIN_SHARDED_SIZE = 2**14
+  _, mesh, abstract, objective, tx = _planned_bytes(BILLION, 8)
+  n = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+  assert n > 1e9, n
+  step = trainer.jit_train_step(mesh, trainer.shardings_of(abstract), objective=objective,
+                                tx=tx, schedule=optim.learning_rate_schedule(1e-4, 10, 100))
+  batch = {k: jax.ShapeDtypeStruct((16, *v.shape[1:]), v.dtype,
+                                   sharding=sharding.batch_sharded(mesh))
+           for k, v in synthetic_batch(0, 16).items()}
+  compiled = step.lower(abstract, batch).compile()
+  assert compiled.as_text()
+
+
+def test_dropout_changes_the_loss():
+  assert abs(cached_run(1, cfg=DROPOUT)[0][0] - cached_run(1)[0][0]) > 1e-4
+
+
+def test_no_weight_decay_on_biases_and_layer_norm():
+  params = BertForPreTraining(CFG).init(jax.random.key(0), *[np.zeros((1, 4), np.int32)] * 3,
+                                        np.zeros((1, 2), np.int32))["params"]
+  mask = optim.decay_mask(params)
+  assert mask["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+  assert not mask["bert"]["encoder"]["layer_0"]["attention"]["query"]["bias"]
+  assert not mask["bert"]["embeddings"]["layer_norm"]["scale"]
+  assert not mask["mlm"]["output_bias"]
+  assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
