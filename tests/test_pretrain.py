@@ -176,10 +176,13 @@ def _spawn_process(config, workdir, index, port):
   return _spawn(config, workdir, devices=2, env=env)
 
 
-def test_two_processes_match_one(prepared, tmp_path):
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_two_processes_match_one(prepared, tmp_path, fsdp):
+  # fsdp=2: each process's two devices hold one sharded copy of the state.
   import portpicker
   for steps in (2, 4):  # each writes a checkpoint at 2, then resumes from it to 4
-    config = _config(prepared, **{"train.steps": steps, "train.checkpoint_every": 2})
+    config = _config(prepared, **{"train.steps": steps, "train.checkpoint_every": 2,
+                                  "train.fsdp": fsdp})
     _run(config, tmp_path / "one", devices=4)
     port = portpicker.pick_unused_port()
     procs = [_spawn_process(config, tmp_path / "two", i, port) for i in range(2)]
