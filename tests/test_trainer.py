@@ -36,14 +36,16 @@ def synthetic_batch(seed: int, batch_size: int = B) -> dict[str, np.ndarray]:
           "next_sentence_labels": rng.integers(0, 2, batch_size).astype(np.int32)}
 
 
+_SCHEDULE = optim.learning_rate_schedule(1e-3, 1, 10)
+_TX = optim.make_optimizer("adamw", _SCHEDULE)
+
+
 def _setup(num_devices, fsdp, grad_accum, cfg):
   mesh = sharding.make_mesh(num_devices, fsdp)
   objective = pretraining_objective(cfg, T, P)
-  schedule = optim.learning_rate_schedule(1e-3, 1, 10)
-  tx = optim.make_optimizer("adamw", schedule)
-  state = trainer.jit_create_state(mesh, objective, tx, 0)
-  step = trainer.jit_train_step(mesh, trainer.shardings_of(state), objective=objective, tx=tx,
-                                schedule=schedule, grad_accum=grad_accum)
+  state = trainer.jit_create_state(mesh, objective, _TX, 0)
+  step = trainer.jit_train_step(mesh, trainer.shardings_of(state), objective=objective, tx=_TX,
+                                schedule=_SCHEDULE, grad_accum=grad_accum)
   return mesh, state, step
 
 
@@ -79,6 +81,20 @@ def test_every_mesh_equals_one_device(data, fsdp):
   assert np.all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
   np.testing.assert_allclose(losses, losses1, rtol=1e-5, atol=0)
   _assert_close(params, params1)
+
+
+def test_the_fsdp_rule(monkeypatch):
+  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 2**14)
+  spec = lambda path, shape: sharding.array_spec(  # noqa: E731
+      [jax.tree_util.DictKey(k) for k in path.split("/")], shape, 8)
+  Spec = jax.sharding.PartitionSpec
+  assert spec("bert/embeddings/word_embeddings/embedding", (30522, 768)) == Spec(None, "fsdp")
+  assert spec("bert/encoder/layer_0/ffn/intermediate/kernel", (768, 3072)) == Spec(None, "fsdp")
+  assert spec("bert/encoder/layer_0/ffn/intermediate/bias", (3072,)) == Spec()  # small
+  # A scanned stack is never split along its layer axis, even where that axis is the largest.
+  assert spec("bert/encoder/layers/ffn/output/kernel", (64, 32, 768)) == Spec(None, None, "fsdp")
+  assert spec("bert/encoder/layers/ffn/output/kernel", (64, 33, 513)) == Spec()
+  assert sharding.array_spec([], (1024, 1024), 1) == Spec()  # fsdp=1: replicated
 
 
 def test_fsdp_really_splits_the_state():
@@ -175,6 +191,26 @@ def test_billion_parameter_step_compiles_with_fsdp():
            for k, v in synthetic_batch(0, 16).items()}
   compiled = step.lower(abstract, batch).compile()
   assert compiled.as_text()
+
+
+def test_scanned_and_unrolled_encoders_train_alike():
+  """Five steps from the same weights, one encoder scanned, the other unrolled."""
+  from bert_jax import params as param_trees
+  losses, start = {}, None
+  for scan in (False, True):
+    cfg = CFG.replace(scan_layers=scan)
+    mesh, state, step = _setup(2, 1, 1, cfg)
+    if scan:
+      state = trainer.with_params(state, param_trees.stack_layers(start), tx=_TX)
+    else:
+      start = jax.device_get(state.params)
+    out = []
+    for i in range(5):
+      state, metrics = step(state, sharding.global_batch(synthetic_batch(i), mesh))
+      out.append(float(metrics["loss"]))
+    losses[scan] = np.array(out)
+  assert param_trees.is_scanned(jax.device_get(state.params))
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5, atol=0)
 
 
 def test_dropout_changes_the_loss():

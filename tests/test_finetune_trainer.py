@@ -1,0 +1,112 @@
+"""Fine-tuning runs on the one trainer: the same losses on every (data, fsdp) mesh, exact
+gradient accumulation, the NaN stop (exit 3, nothing saved after it) and the preemption save
+(SIGTERM: checkpoint, exit 143, an exact resume)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from test_finetune import ROOT, _classify_config, model_dir  # noqa: F401 - model_dir: fixture
+
+from bert_jax import sharding
+
+
+def _train_losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    if r["split"] == "train":
+      out[r["step"]] = r["loss"]
+  return out
+
+
+def _finetune(model_dir, tmp_path, name, **over):  # noqa: F811
+  from bert_jax import finetune
+  config = _classify_config(model_dir, tmp_path, **{
+      "train.epochs": 3, "train.max_steps": 5, "train.log_every": 1, **over})
+  best = finetune.main(config, tmp_path / name)
+  return np.array(list(_train_losses(tmp_path / name).values())), best
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
+                                                  fsdp):
+  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)  # shard the tiny model's arrays too
+  ref, ref_best = _finetune(model_dir, tmp_path, "one", **{"train.dropout": 0.1})
+  got, best = _finetune(model_dir, tmp_path, "mesh", **{
+      "train.dropout": 0.1, "train.num_devices": data * fsdp, "train.fsdp": fsdp})
+  assert len(ref) == 5 and ref[0] != ref[-1]
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+  assert best["accuracy"] == ref_best["accuracy"]
+
+
+def test_finetuning_gradient_accumulation_is_exact(model_dir, tmp_path):  # noqa: F811
+  over = {"train.dropout": 0.0, "train.num_devices": 2}
+  ref, _ = _finetune(model_dir, tmp_path, "one", **over)
+  got, _ = _finetune(model_dir, tmp_path, "accum", **over, **{"train.grad_accum": 2})
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+
+
+def _spawn(config, workdir) -> subprocess.Popen:
+  script = textwrap.dedent(f"""
+      import json, ml_collections
+      from bert_jax import cli, finetune
+      config = ml_collections.ConfigDict(json.loads({config.to_json()!r}))
+      cli.run(finetune.main, config, {str(workdir)!r})
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _saved_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_non_finite_loss_stops_finetuning_before_any_save(model_dir, tmp_path):  # noqa: F811
+  config = _classify_config(model_dir, tmp_path, **{
+      "train.learning_rate": 1e9, "train.max_grad_norm": 0.0, "train.warmup_fraction": 0.0,
+      "train.epochs": 40, "train.max_steps": 60, "train.checkpoint_every": 1,
+      "train.log_every": 100})
+  p = _spawn(config, tmp_path / "run")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 3, out
+  low = out.lower()
+  assert "error: step " in out and ("is nan" in low or "is inf" in low), out
+  bad = int(out.split("error: step ")[1].split(":")[0])
+  assert max(_saved_steps(tmp_path / "run"), default=0) < bad
+  assert "Traceback" not in out
+
+
+def test_sigterm_saves_and_the_rerun_resumes_exactly(model_dir, tmp_path):  # noqa: F811
+  config = _classify_config(model_dir, tmp_path, **{
+      "train.epochs": 40, "train.max_steps": 60, "train.log_every": 1,
+      "train.checkpoint_every": 1000})
+  straight = _spawn(config, tmp_path / "straight")
+  assert straight.wait(timeout=600) == 0, straight.communicate()[0]
+  work = tmp_path / "killed"
+  p = _spawn(config, work)
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None:
+    if (work / "metrics.jsonl").exists() and len(_train_losses(work)) >= 5:
+      break
+    time.sleep(0.01)
+  assert p.poll() is None, "the run ended before the signal: " + p.communicate()[0]
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 128 + signal.SIGTERM, out
+  assert "stopped by a signal" in out
+  stopped_at = _saved_steps(work)
+  assert len(stopped_at) == 1 and 5 <= stopped_at[0] < 60
+  rerun = _spawn(config, work)
+  out, _ = rerun.communicate(timeout=600)
+  assert rerun.returncode == 0, out
+  assert f"resuming from step {stopped_at[0]}" in out
+  assert _train_losses(work) == _train_losses(tmp_path / "straight")
