@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from test_finetune import ROOT, _classify_config, model_dir  # noqa: F401 - model_dir: fixture
+from test_pretrain import prepared  # noqa: F401 - a fixture
 
 from bert_jax import sharding
 
@@ -110,3 +111,28 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(model_dir, tmp_path):  # no
   assert rerun.returncode == 0, out
   assert f"resuming from step {stopped_at[0]}" in out
   assert _train_losses(work) == _train_losses(tmp_path / "straight")
+
+
+def test_a_scanned_pretraining_checkpoint_fine_tunes_unrolled_and_exports(prepared, tmp_path):  # noqa: F811
+  """Our checkpoints in either layer layout: pretrain scanned, fine-tune unrolled, export to HF."""
+  from test_pretrain import _config
+
+  from bert_jax import checkpoint, convert, finetune, pretrain
+  from bert_jax import params as param_trees
+  pre = tmp_path / "pre"
+  pretrain.main(_config(prepared, **{"train.steps": 2, "model.scan_layers": True}), pre)
+  config, params = checkpoint.load_model(pre)
+  assert config.scan_layers and param_trees.is_scanned(params)
+  c = _classify_config(pre, tmp_path, **{"model.scan_layers": False})
+  c.tokenizer = prepared["data.tokenizer"]
+  best = finetune.main(c, tmp_path / "ft")
+  assert best["step"] == 2
+  ft_config, ft_params = checkpoint.load_model(tmp_path / "ft" / "best")
+  assert not ft_config.scan_layers and not param_trees.is_scanned(ft_params)
+  convert.to_hf(config, params, tmp_path / "hf")
+  assert (tmp_path / "hf" / "model.safetensors").is_file()
+  _, back = convert.load_hf(tmp_path / "hf")
+  unrolled = param_trees.unstack_layers(params)
+  np.testing.assert_array_equal(
+      back["bert"]["encoder"]["layer_1"]["ffn"]["output"]["kernel"],
+      unrolled["bert"]["encoder"]["layer_1"]["ffn"]["output"]["kernel"])
