@@ -3,6 +3,8 @@
   python -m bert_jax.bench --variant mini --batch_size 32 --seq_len 128
   python -m bert_jax.bench --variant tiny,mini --batch_size 8,32 --json -        # JSON lines
   python -m bert_jax.bench --variant mini --batch_size 32 --against hf-torch --pairs 5
+  python -m bert_jax.bench --task classification --variant L6-H384-A12 --batch_size 32 \
+      --seq_len 64 --against hf-torch   # fine-tuning step vs BertForSequenceClassification
 
 Comma-separated --variant/--batch_size/--seq_len/--dtype/--remat/--grad_accum/--devices/--fsdp
 values run every combination; --fsdp N shards parameters and optimizer state over groups of N
@@ -10,18 +12,28 @@ devices (`state_bytes_per_device` in the record is what one device holds of them
 MFU is analytic model FLOPs per second over a peak: on CPU the peak is a
 float32 matmul measured in the same run; on TPU/GPU the published dense bf16 peak of the chip.
 On CPU, --devices above 1 needs XLA_FLAGS=--xla_force_host_platform_device_count=N.
+--variant takes a name of bert_jax.config.VARIANTS or L{layers}-H{hidden}-A{heads} (FFN 4 x hidden).
+With --against hf-torch the peer runs in its own process (bert_jax.bench_peer), the two sides
+alternating round by round; every record names the machine (CPU model or accelerator), the
+library versions and each framework's float32 and bfloat16 matmul peaks measured in the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import os
+import platform
+import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,17 +81,59 @@ def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_s
           "next_sentence_labels": rng.integers(0, 2, B).astype(np.int32)}
 
 
+def classification_batch(batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+  """A fine-tuning batch (input_ids, input_mask, segment_ids [B, T], label [B]), the padding of
+  `synthetic_batch`."""
+  b = synthetic_batch(batch_size, seq_len, 1, vocab_size, seed)
+  labels = np.random.default_rng(seed + 1).integers(0, num_labels, batch_size).astype(np.int32)
+  return {k: b[k] for k in ("input_ids", "input_mask", "segment_ids")} | {"label": labels}
+
+
 def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
-                   max_predictions: int) -> int:
+                   max_predictions: int, task: str = "pretraining") -> int:
   """Useful matmul FLOPs of one training step (3x forward): encoder projections and FFN per
-  token, attention scores and context per sequence, MLM head at the masked slots only, pooler
-  and NSP per sequence. Embedding gathers, biases, norms and the optimizer are not counted."""
+  token, attention scores and context per sequence, the MLM head at the masked slots only and
+  NSP (pretraining) or the 2-way classifier, the pooler per sequence. Embedding gathers, biases,
+  norms and the optimizer are not counted."""
   D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
   T, P = seq_len, max_predictions
   layer = 2 * T * (4 * D * D + 2 * D * F) + 2 * 2 * T * T * D
-  mlm = 2 * P * (D * D + D * V)
-  pooler_nsp = 2 * (D * D + D * 2)
-  return 3 * batch_size * (config.num_layers * layer + mlm + pooler_nsp)
+  heads = 2 * (D * D + D * 2)  # pooler, then NSP or the 2-way classifier
+  if task == "pretraining":
+    heads += 2 * P * (D * D + D * V)
+  return 3 * batch_size * (config.num_layers * layer + heads)
+
+
+def model_config(variant: str, **overrides: Any) -> BertConfig:
+  """A named variant, or L{layers}-H{hidden}-A{heads} (e.g. L6-H384-A12, FFN 4 x hidden)."""
+  m = re.fullmatch(r"L(\d+)-H(\d+)-A(\d+)", variant)
+  if m:
+    layers, hidden, heads = map(int, m.groups())
+    return BertConfig(num_layers=layers, hidden_size=hidden, num_heads=heads,
+                      intermediate_size=4 * hidden, **overrides)
+  return get_variant(variant, **overrides)
+
+
+def machine() -> dict[str, Any]:
+  """What the figures were measured on: the CPU model (lscpu's "Model name"), the cores this
+  process may use, the accelerator kind, the library versions."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f
+                  if line.lower().startswith("model name")), cpu)
+  except OSError:
+    pass
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {"cpu_model": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
+          "accelerator": None if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
+          "versions": versions}
 
 
 def published_peak(device_kind: str) -> float | None:
@@ -88,13 +142,13 @@ def published_peak(device_kind: str) -> float | None:
 
 
 class MatmulPeak:
-  """FLOP/s of a jitted float32 [n, n] @ [n, n] on every device of a mesh at once. Each probe
-  keeps the best rate seen: on a shared machine, probing before, between and after the timed
-  steps finds the sustained peak more reliably than one burst."""
+  """FLOP/s of a jitted [n, n] @ [n, n] (float32 unless told) on every device of a mesh at once.
+  Each probe keeps the best rate seen: on a shared machine, probing before, between and after the
+  timed steps finds the sustained peak more reliably than one burst."""
 
-  def __init__(self, mesh, n: int = 2048):
+  def __init__(self, mesh, n: int = 2048, dtype: str = "float32"):
     spec = sharding.batch_sharded(mesh)
-    a, b = (jax.device_put(jax.random.normal(k, (mesh.devices.size, n, n), jnp.float32), spec)
+    a, b = (jax.device_put(jax.random.normal(k, (mesh.devices.size, n, n), dtype), spec)
             for k in jax.random.split(jax.random.PRNGKey(0), 2))
     matmul = jax.jit(jnp.matmul, out_shardings=spec)
     self._flops = 2 * n**3 * mesh.devices.size
@@ -111,8 +165,13 @@ class MatmulPeak:
 
 
 @functools.cache
-def _matmul_peak(num_devices: int) -> MatmulPeak:
-  return MatmulPeak(sharding.make_mesh(num_devices))
+def _matmul_peak(num_devices: int, dtype: str = "float32") -> MatmulPeak:
+  return MatmulPeak(sharding.make_mesh(num_devices), dtype=dtype)
+
+
+def xla_matmul_peaks(num_devices: int) -> dict[str, float]:
+  """XLA's best float32 and bfloat16 matmul FLOP/s of the run so far, on `num_devices`."""
+  return {dtype: _matmul_peak(num_devices, dtype).probe() for dtype in ("float32", "bfloat16")}
 
 
 def peak_flops(mesh, override: float | None) -> tuple[Callable[[], float], str]:
@@ -142,10 +201,14 @@ class OursRunner:
   """Builds state and batch once, compiles, then times steps (blocking on the loss only)."""
 
   def __init__(self, config: BertConfig, mesh, batch: dict[str, np.ndarray], optimizer: str,
-               grad_accum: int):
-    from bert_jax.pretrain import pretraining_objective
-    seq_len, preds = batch["input_ids"].shape[1], batch["masked_lm_ids"].shape[1]
-    objective = pretraining_objective(config, seq_len, preds)
+               grad_accum: int, task: str = "pretraining"):
+    seq_len = batch["input_ids"].shape[1]
+    if task == "classification":
+      from bert_jax.tasks import classification_objective
+      objective = classification_objective(config, 2, seq_len)
+    else:
+      from bert_jax.pretrain import pretraining_objective
+      objective = pretraining_objective(config, seq_len, batch["masked_lm_ids"].shape[1])
     schedule = optim.learning_rate_schedule(1e-4, 10_000, 1_000_000)
     tx = optim.make_optimizer(optimizer, schedule)
     self.state = trainer.jit_create_state(mesh, objective, tx, 0)
@@ -181,52 +244,47 @@ def _xla_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-class HFTorchRunner:
-  """Hugging Face BertForPreTraining, PyTorch eager float32, train mode, AdamW, same batch; MLM
-  labels are -100 except at the masked positions, so the loss covers the same predictions."""
+class PeerProcess:
+  """The Hugging Face PyTorch side, in its own process (bert_jax.bench_peer), on the same batch:
+  pretraining or classification, eager float32, AdamW, clipping at 1.0."""
 
-  def __init__(self, config: BertConfig, batch: dict[str, np.ndarray]):
-    try:
-      import torch
-      import transformers
-    except ImportError as e:
-      raise ValueError(f"--against hf-torch needs torch and transformers ({e}); "
-                       "install them with: pip install torch transformers") from e
-    self.torch = torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    torch.manual_seed(0)
-    hf = transformers.BertConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size, hidden_act="gelu",
-        hidden_dropout_prob=config.hidden_dropout,
-        attention_probs_dropout_prob=config.attention_dropout,
-        max_position_embeddings=config.max_position_embeddings,
-        type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps)
-    self.model = transformers.BertForPreTraining(hf).train()
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
-    labels = np.full(batch["input_ids"].shape, -100, np.int64)
-    rows, cols = np.nonzero(batch["masked_lm_weights"])
-    labels[rows, batch["masked_lm_positions"][rows, cols]] = batch["masked_lm_ids"][rows, cols]
-    as_long = lambda x: torch.from_numpy(np.asarray(x, np.int64))
-    self.inputs = {"input_ids": as_long(batch["input_ids"]),
-                   "attention_mask": as_long(batch["input_mask"]),
-                   "token_type_ids": as_long(batch["segment_ids"]),
-                   "labels": as_long(labels),
-                   "next_sentence_label": as_long(batch["next_sentence_labels"])}
+  def __init__(self, config: BertConfig, batch: dict[str, np.ndarray], task: str):
+    for module in ("torch", "transformers"):
+      if importlib.util.find_spec(module) is None:
+        raise ValueError(f"--against hf-torch needs torch and transformers ({module} is not "
+                         "installed): pip install torch transformers")
+    self._dir = tempfile.TemporaryDirectory(prefix="bert_jax_bench_")
+    path = os.path.join(self._dir.name, "batch.npz")
+    np.savez(path, **batch)
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "bert_jax.bench_peer", "--config", config.to_json(),
+         "--batch", path, "--task", task], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    self.info = self._read()["ready"]
+
+  def _read(self) -> dict[str, Any]:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the benchmark's peer process ended (exit {self.proc.wait()})")
+    return json.loads(line)
+
+  def _ask(self, command: str) -> dict[str, Any]:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read()
 
   def run(self, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      self.opt.zero_grad(set_to_none=True)
-      loss = self.model(**self.inputs).loss
-      loss.backward()
-      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-      self.opt.step()
-      loss.item()
-      times.append(time.perf_counter() - start)
-    return times
+    return self._ask(f"run {steps}")["times"] if steps else []
+
+  def peaks(self) -> dict[str, float]:
+    return self._ask("peaks")
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+    self._dir.cleanup()
 
 
 def _step_stats(times: list[float], tokens: int, sequences: int) -> dict[str, float]:
@@ -235,9 +293,10 @@ def _step_stats(times: list[float], tokens: int, sequences: int) -> dict[str, fl
           "sequences_per_s": sequences / median, "tokens_per_s": tokens / median}
 
 
-def _compare(ours: OursRunner, theirs: HFTorchRunner, opts: argparse.Namespace, tokens: int,
+def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, tokens: int,
              probe_peak: Callable[[], float]) -> dict[str, Any]:
-  """A B A B ...: --pairs rounds of --steps timed steps each; tokens/s ratio per round.
+  """A B A B ...: --pairs rounds of --steps timed steps each; tokens/s ratio per round. One side
+  runs while the other waits in its own process.
 
   Each side first runs --switch_warmup untimed steps in every round: the first step after the
   other framework ran is slow for both (base, batch 8: ours 5.1 s against 3.9 s, theirs 5.6 s
@@ -253,50 +312,63 @@ def _compare(ours: OursRunner, theirs: HFTorchRunner, opts: argparse.Namespace, 
     our_times += a
     hf_times += b
     ratios.append(statistics.median(b) / statistics.median(a))
-  return {"our_step_times": our_times, "against": "hf-torch",
+  return {"our_step_times": our_times, "against": "hf-torch", "peer_process": theirs.proc.pid,
           "hf_tokens_per_s": tokens / statistics.median(hf_times),
           "hf_step_s_median": statistics.median(hf_times),
+          "torch_matmul_peak_flops": theirs.peaks(), "torch_threads": theirs.info["threads"],
           "ratios": ratios, "ratio_median": statistics.median(ratios)}
 
 
 def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: int, dtype: str,
               remat: str, grad_accum: int, devices: int, fsdp: int) -> dict[str, Any]:
   """Compiles and times one configuration; returns its record."""
-  if batch_size % (devices * grad_accum):
-    raise ValueError(f"batch_size {batch_size} must be divisible by devices * grad_accum = "
-                     f"{devices} * {grad_accum}")
-  config = get_variant(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
-                       attention=opts.attention,
-                       **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
-  preds = opts.max_predictions or default_max_predictions(seq_len)
+  if batch_size <= 0 or seq_len <= 0 or batch_size % (devices * grad_accum):
+    raise ValueError(f"batch_size {batch_size} must be positive and divisible by devices * "
+                     f"grad_accum = {devices} * {grad_accum} (seq_len {seq_len} positive)")
+  config = model_config(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
+                        attention=opts.attention,
+                        **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
+  if seq_len > config.max_position_embeddings:
+    raise ValueError(f"--seq_len {seq_len} exceeds the position table "
+                     f"({config.max_position_embeddings})")
+  classify = opts.task == "classification"
+  preds = 0 if classify else opts.max_predictions or default_max_predictions(seq_len)
   mesh = sharding.make_mesh(devices, fsdp)
   probe_peak, peak_source = peak_flops(mesh, opts.peak_flops)
   probe_peak()
-  batch = synthetic_batch(batch_size, seq_len, preds, config.vocab_size)
-  ours = OursRunner(config, mesh, batch, opts.optimizer, grad_accum)
+  batch = (classification_batch(batch_size, seq_len, config.vocab_size) if classify else
+           synthetic_batch(batch_size, seq_len, preds, config.vocab_size))
+  ours = OursRunner(config, mesh, batch, opts.optimizer, grad_accum, opts.task)
   ours.run(opts.warmup)
   tokens = batch_size * seq_len
   if opts.against:
-    extra = _compare(ours, HFTorchRunner(config, batch), opts, tokens, probe_peak)
+    theirs = PeerProcess(config, batch, opts.task)
+    try:
+      extra = _compare(ours, theirs, opts, tokens, probe_peak)
+    finally:
+      theirs.close()
     times = extra.pop("our_step_times")
   else:
     extra, times = {}, ours.run(opts.steps)
   peak = probe_peak()
-  flops = analytic_flops(config, batch_size, seq_len, preds)
+  flops = analytic_flops(config, batch_size, seq_len, preds, opts.task)
   stats = _step_stats(times, tokens, batch_size)
   memory, memory_source = peak_memory(mesh)
   achieved = flops / stats["step_s_median"]
-  return {"variant": variant, "batch_size": batch_size, "seq_len": seq_len,
+  return {"task": opts.task, "variant": variant, "batch_size": batch_size, "seq_len": seq_len,
+          "layers": config.num_layers, "hidden": config.hidden_size, "heads": config.num_heads,
           "vocab_size": config.vocab_size,
           "max_predictions": preds, "dtype": dtype, "remat": remat, "grad_accum": grad_accum,
           "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
           "fsdp": fsdp, "scan_layers": opts.scan_layers,
           "state_bytes_per_device": ours.state_bytes_per_device,
           "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
-          "compile_s": ours.compile_s, "steps": len(times), **stats,
+          **machine(), "compile_s": ours.compile_s, "steps": len(times), **stats,
           "flops_per_step_analytic": flops, "flops_per_step_xla": ours.xla_flops,
           "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": peak_source,
           "mfu": achieved / peak, "mfu_fastest_step": flops / stats["step_s_min"] / peak,
+          "xla_matmul_peak_flops": xla_matmul_peaks(devices) if jax.default_backend() == "cpu"
+          else None,
           "peak_memory_bytes": memory,
           "peak_memory_source": memory_source, "compiles": ours.step._cache_size(), **extra}
 
@@ -330,7 +402,10 @@ def _bool(text: str) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m bert_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--variant", type=_csv(str), default=["mini"], help=f"of {list(VARIANTS)}")
+  p.add_argument("--task", choices=("pretraining", "classification"), default="pretraining",
+                 help="the pretraining step or the sequence-classification fine-tuning step")
+  p.add_argument("--variant", type=_csv(str), default=["mini"],
+                 help=f"of {list(VARIANTS)}, or L{{layers}}-H{{hidden}}-A{{heads}}")
   p.add_argument("--batch_size", type=_csv(int), default=[32], help="global batch size")
   p.add_argument("--seq_len", type=_csv(int), default=[128])
   p.add_argument("--max_predictions", type=int, default=0, help="0: ceil(0.15 * seq_len)")

@@ -39,6 +39,24 @@ def _objective(model, seq_len: int, sums, metrics) -> trainer.Objective:
       example_shapes={k: (seq_len,) for k in MODEL_ARGS})
 
 
+def classification_sums(outputs, batch, regression: bool = False) -> dict:
+  """Loss sum (cross-entropy, or squared error for one regression output), correct count, rows."""
+  logits, labels = outputs["logits"], batch["label"]
+  count = jnp.float32(logits.shape[0])
+  if regression:
+    return {"loss": jnp.sum((logits[:, 0] - labels) ** 2), "count": count}
+  ones = jnp.ones(labels.shape, jnp.float32)
+  return {"loss": losses.cross_entropy_sum(logits, labels, ones)[0],
+          "accuracy": losses.accuracy_sum(logits, labels, ones)[0], "count": count}
+
+
+def classification_objective(bert, num_labels: int, seq_len: int,
+                             regression: bool = False) -> trainer.Objective:
+  """Sequence classification (batches: input_ids, input_mask, segment_ids [B, T], label [B])."""
+  return _objective(BertForSequenceClassification(bert, num_labels), seq_len,
+                    functools.partial(classification_sums, regression=regression), _means)
+
+
 def _means(sums: dict) -> dict:
   """{"loss", "count", x...} sums -> means of everything but the count."""
   n = jnp.maximum(sums["count"], 1.0)
@@ -109,17 +127,8 @@ class ClassificationTask:
     return _inputs(self._features(self.predict_examples))
 
   def objective(self, bert) -> trainer.Objective:
-    return _objective(BertForSequenceClassification(bert, self.num_labels), self.max_seq_length,
-                      self._sums, _means)
-
-  def _sums(self, outputs, batch):
-    logits, labels = outputs["logits"], batch["label"]
-    count = jnp.float32(logits.shape[0])
-    if self.regression:
-      return {"loss": jnp.sum((logits[:, 0] - labels) ** 2), "count": count}
-    ones = jnp.ones(labels.shape, jnp.float32)
-    return {"loss": losses.cross_entropy_sum(logits, labels, ones)[0],
-            "accuracy": losses.accuracy_sum(logits, labels, ones)[0], "count": count}
+    return classification_objective(bert, self.num_labels, self.max_seq_length,
+                                    self.regression)
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     return classification.compute_metrics(outputs["logits"], self._eval["label"],

@@ -2,17 +2,20 @@
 
 import importlib.util
 import json
+import os
 
+import jax
 import pytest
 
 from bert_jax import bench
 
 TINY = ["--variant", "tiny", "--batch_size", "4", "--seq_len", "32", "--steps", "2",
         "--warmup", "1"]
-KEYS = ("variant", "batch_size", "seq_len", "dtype", "devices", "backend", "compile_s",
+KEYS = ("task", "variant", "batch_size", "seq_len", "dtype", "devices", "backend", "compile_s",
         "step_s_median", "step_s_min", "step_s_max", "sequences_per_s", "tokens_per_s",
         "flops_per_step_analytic", "flops_per_step_xla", "achieved_flops_per_s",
-        "peak_flops_per_s", "peak_source", "mfu", "peak_memory_bytes", "compiles")
+        "peak_flops_per_s", "peak_source", "mfu", "peak_memory_bytes", "compiles", "cpu_model",
+        "versions", "xla_matmul_peak_flops", "state_bytes_per_device", "fsdp")
 
 
 def tiny_training_flops(batch: int, seq: int, preds: int, v: int = 30522) -> int:
@@ -44,6 +47,29 @@ def test_one_sane_record_per_combination(tmp_path):
                                                                r["max_predictions"])
     assert r["flops_per_step_xla"] is None or r["flops_per_step_xla"] > 0
     assert 0 < r["mfu"] and r["peak_flops_per_s"] > 0 and r["peak_source"].startswith("measured")
+    assert r["cpu_model"] and r["versions"]["jax"] == jax.__version__
+    assert set(r["xla_matmul_peak_flops"]) == {"float32", "bfloat16"}
+
+
+def test_fine_tuning_step_and_custom_sizes():
+  (r,) = bench.main(TINY + ["--task", "classification", "--variant", "L3-H48-A4", "--devices",
+                            "2", "--fsdp", "2"])
+  assert (r["task"], r["layers"], r["hidden"], r["heads"], r["fsdp"]) == (
+      "classification", 3, 48, 4, 2)
+  d, f, b, t = 48, 192, 4, 32
+  layer = 2 * t * (4 * d * d + 2 * d * f) + 2 * 2 * t * t * d
+  assert r["flops_per_step_analytic"] == 3 * b * (3 * layer + 2 * (d * d + 2 * d))
+  assert r["tokens_per_s"] > 0 and r["compiles"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size", "0"], "must be positive"),
+    (["--seq_len", "1024"], "exceeds the position table"),
+    (["--variant", "L2-H30-A4"], "not divisible"),
+])
+def test_impossible_settings_are_refused(args, message):
+  with pytest.raises(ValueError, match=message):
+    bench.main(TINY + ["--devices", "1"] + args)
 
 
 def test_default_max_predictions_matches_bert():
@@ -70,3 +96,14 @@ def test_against_hf_torch_gives_a_ratio():
   assert r["vocab_size"] == 8000
   assert r["flops_per_step_analytic"] == tiny_training_flops(4, 32, 5, v=8000)
   assert r["ratio_median"] > 0 and r["hf_tokens_per_s"] > 0
+  assert set(r["torch_matmul_peak_flops"]) == {"float32", "bfloat16"}
+  assert r["peer_process"] != os.getpid()  # the peer ran in a process of its own
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("torch") and
+                         importlib.util.find_spec("transformers")),
+                    reason="torch and transformers are needed for --against hf-torch")
+def test_fine_tuning_step_against_hf_torch():
+  (r,) = bench.main(TINY + ["--task", "classification", "--devices", "1", "--against",
+                            "hf-torch", "--pairs", "1", "--steps", "1", "--warmup", "0"])
+  assert r["task"] == "classification" and r["ratio_median"] > 0

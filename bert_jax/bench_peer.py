@@ -1,0 +1,143 @@
+"""The benchmark's peer, in a process of its own: Hugging Face BERT in PyTorch eager (float32, train
+mode, AdamW, gradient clipping at 1.0) on the very batch our step runs.
+
+Started by `python -m bert_jax.bench --against hf-torch`, never by hand. It reads the model config
+(BertConfig JSON), the batch (.npz) and the task from its arguments, builds the model, prints one
+JSON line {"ready": ...}, then answers commands on stdin, one JSON line each:
+  run N    -> {"times": [seconds of each of N steps]}
+  peaks    -> {"float32": FLOP/s, "bfloat16": FLOP/s}: torch's best 2048^3 matmul so far
+  quit
+Only torch, transformers and numpy are imported here, so neither side's runtime shares a process
+(or its threads and allocator) with the other's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _hf_config(config: dict[str, Any], **extra: Any):
+  import transformers
+  return transformers.BertConfig(**extra,
+      vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+      num_hidden_layers=config["num_layers"], num_attention_heads=config["num_heads"],
+      intermediate_size=config["intermediate_size"], hidden_act="gelu",
+      hidden_dropout_prob=config["hidden_dropout"],
+      attention_probs_dropout_prob=config["attention_dropout"],
+      max_position_embeddings=config["max_position_embeddings"],
+      type_vocab_size=config["type_vocab_size"], layer_norm_eps=config["layer_norm_eps"])
+
+
+def _inputs(task: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Our batch keys -> the model's keyword arguments. Pretraining: MLM labels are -100 except at
+  the masked positions, so the loss covers the same predictions as ours."""
+  import torch
+  as_long = lambda x: torch.from_numpy(np.asarray(x, np.int64))  # noqa: E731
+  inputs = {"input_ids": as_long(batch["input_ids"]),
+            "attention_mask": as_long(batch["input_mask"]),
+            "token_type_ids": as_long(batch["segment_ids"])}
+  if task == "classification":
+    return {**inputs, "labels": as_long(batch["label"])}
+  labels = np.full(batch["input_ids"].shape, -100, np.int64)
+  rows, cols = np.nonzero(batch["masked_lm_weights"])
+  labels[rows, batch["masked_lm_positions"][rows, cols]] = batch["masked_lm_ids"][rows, cols]
+  return {**inputs, "labels": as_long(labels),
+          "next_sentence_label": as_long(batch["next_sentence_labels"])}
+
+
+class Runner:
+  """The HF model, its optimizer and the batch; `run(n)` times n full training steps."""
+
+  def __init__(self, config: dict[str, Any], task: str, batch: dict[str, np.ndarray],
+               num_labels: int = 2):
+    import torch
+    import transformers
+    self.torch = torch
+    torch.manual_seed(0)
+    if task == "classification":
+      model = transformers.BertForSequenceClassification(
+          _hf_config(config, num_labels=num_labels))
+    else:
+      model = transformers.BertForPreTraining(_hf_config(config))
+    self.model = model.train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
+    self.inputs = _inputs(task, batch)
+
+  def run(self, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.opt.zero_grad(set_to_none=True)
+      loss = self.model(**self.inputs).loss
+      loss.backward()
+      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+      self.opt.step()
+      loss.item()
+      times.append(time.perf_counter() - start)
+    return times
+
+
+class TorchMatmulPeak:
+  """torch's best FLOP/s on a 2048^3 matmul, float32 and bfloat16, kept over the run."""
+
+  def __init__(self, n: int = 2048):
+    import torch
+    self.torch, self.n = torch, n
+    self.operands = {name: tuple(torch.randn(n, n, dtype=dtype) for _ in range(2))
+                     for name, dtype in (("float32", torch.float32),
+                                         ("bfloat16", torch.bfloat16))}
+    self.best = {name: 0.0 for name in self.operands}
+
+  def probe(self, repeats: int = 3) -> dict[str, float]:
+    for name, (a, b) in self.operands.items():
+      self.torch.matmul(a, b)
+      for _ in range(repeats):
+        start = time.perf_counter()
+        self.torch.matmul(a, b)
+        self.best[name] = max(self.best[name], 2 * self.n**3 / (time.perf_counter() - start))
+    return dict(self.best)
+
+
+def serve(runner: Runner, peak: TorchMatmulPeak, stdin=sys.stdin, stdout=sys.stdout) -> None:
+  for line in stdin:
+    command, *args = line.split()
+    if command == "run":
+      reply = {"times": runner.run(int(args[0]))}
+    elif command == "peaks":
+      reply = peak.probe()
+    elif command == "quit":
+      return
+    else:
+      reply = {"error": f"unknown command {command!r}"}
+    print(json.dumps(reply), file=stdout, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(prog="python -m bert_jax.bench_peer")
+  p.add_argument("--config", required=True, help="BertConfig as JSON")
+  p.add_argument("--batch", required=True, help=".npz with the batch's arrays")
+  p.add_argument("--task", choices=("pretraining", "classification"), default="pretraining")
+  p.add_argument("--threads", type=int, default=0, help="0: every core this process may use")
+  args = p.parse_args(argv)
+  import torch
+  import transformers
+  torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+  with np.load(args.batch) as f:
+    batch = {k: f[k] for k in f.files}
+  runner = Runner(json.loads(args.config), args.task, batch)
+  peak = TorchMatmulPeak()
+  print(json.dumps({"ready": {"torch": torch.__version__,
+                              "transformers": transformers.__version__,
+                              "threads": torch.get_num_threads()}}), flush=True)
+  serve(runner, peak)
+
+
+if __name__ == "__main__":
+  main()
