@@ -187,6 +187,8 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective,
   params = optax.apply_updates(state.params, updates)
   metrics = {**objective.metrics(sums), "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step)}
+  metrics["nonfinite"] = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
+  metrics["step"] = state.step + 1
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -229,18 +231,24 @@ class StopFlag:
     return self.signum != 0
 
 
-def check_finite(step: int, metrics: dict[str, float]) -> None:
-  """Raises NonFiniteLossError naming `step` when its loss or gradient norm is NaN/Inf."""
-  bad = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics
-         and not np.isfinite(metrics[k])}
-  if bad:
-    detail = ", ".join(f"{k} is {v}" for k, v in bad.items())
-    raise NonFiniteLossError(f"step {step}: {detail}; stopping before any save, so the "
-                             "checkpoints already written hold finite weights")
+@jax.jit
+def _first_nonfinite(first: Array, metrics: dict[str, Array]) -> Array:
+  """The first step whose loss or gradient norm was NaN/Inf (-1: none yet), kept on device."""
+  return jnp.where((first < 0) & metrics["nonfinite"], metrics["step"], first)
+
+
+def _check_finite(first: Array) -> None:
+  """Raises NonFiniteLossError naming the first non-finite step, if any (a device read)."""
+  step = int(first)
+  if step >= 0:
+    raise NonFiniteLossError(f"step {step}: the loss is NaN or Inf, or the gradient norm is; "
+                             "stopping before any save, so the checkpoints already written "
+                             "hold finite weights")
 
 
 def _host(metrics) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return {k: float(v) for k, v in jax.device_get(metrics).items()
+          if k not in ("nonfinite", "step")}
 
 
 @dataclasses.dataclass
@@ -302,50 +310,57 @@ def _report(bar, step: int, host: dict[str, float]) -> None:
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in host.items()))
 
 
+def _sync():
+  """Where the loop may read the device: log, evaluation and checkpoint steps."""
+  return jax.transfer_guard_device_to_host("allow")
+
+
 def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
   """Runs updates from `state.step` to `loop.total_steps`. Returns the final state and the last
   logged train metrics merged with the last evaluation (keys "eval_*").
 
-  The metrics of each step are read one step late (the host never waits for the device), except
-  on log, evaluation and checkpoint steps, whose own metrics are checked before anything uses the
-  new state. A preemption signal saves the current step and exits with 128 + the signal number.
+  Metrics leave the device only on log, evaluation and checkpoint steps (the host never waits
+  for the device in between): a flag on the device remembers the first step whose loss or
+  gradient norm was NaN/Inf, and it is read before anything logs, evaluates or saves the new
+  state. A preemption signal saves the current step and exits with 128 + the signal number.
+  Device-to-host transfers happen only inside `_sync` (tests run the loop under a transfer guard).
   """
-  step = int(state.step)
+  with _sync():
+    step = int(state.step)
+    first_bad = jax.device_put(np.int32(-1), sharding.replicated(loop.mesh))
   stop, window, bar = StopFlag(), _Window(), _progress(loop, step)
-  pending, last = None, {}
+  last = {}
   while step < loop.total_steps:
     batch = sharding.global_batch(loop.batch(step), loop.mesh)
     state, metrics = loop.step_fn(state, batch)
+    first_bad = _first_nonfinite(first_bad, metrics)
     step += 1
     window.steps += 1
-    if pending is not None:
-      check_finite(pending[0], _host(pending[1]))
-    pending = (step, metrics)
     final = step == loop.total_steps
     stopping = stop.should_stop(step)
     log_now = step % loop.log_every == 0 or final
     eval_now = loop.should_evaluate(step) or final
     save_now = loop.should_checkpoint(step) or final or stopping
-    if log_now or eval_now or save_now:
-      host = _host(metrics)
-      check_finite(step, host)
-      pending = None
+    if bar is not None:
+      bar.update(1)
+    if not (log_now or eval_now or save_now):
+      continue
+    with _sync():
+      _check_finite(first_bad)
       if log_now:
-        host.update(window.rates(loop.tokens_per_step))
+        host = {**_host(metrics), **window.rates(loop.tokens_per_step)}
         loop.writer.write(step, host)
         last = {**{k: v for k, v in last.items() if k.startswith("eval_")}, **host}
         _report(bar, step, host)
         window.restart()
-    if bar is not None:
-      bar.update(1)
-    if eval_now:
-      results = loop.evaluate(state, step)
-      if results:
-        loop.writer.write(step, results, "eval")
-        last.update({f"eval_{k}": v for k, v in results.items()})
-      window.restart()
-    if save_now:
-      loop.save(step, state)
+      if eval_now:
+        results = loop.evaluate(state, step)
+        if results:
+          loop.writer.write(step, results, "eval")
+          last.update({f"eval_{k}": v for k, v in results.items()})
+        window.restart()
+      if save_now:
+        loop.save(step, state)
     if stopping:
       log.warning("stopped by a signal at step %d; checkpoint saved", step)
       raise SystemExit(128 + (stop.signum or signal.SIGTERM))

@@ -136,3 +136,56 @@ def test_a_scanned_pretraining_checkpoint_fine_tunes_unrolled_and_exports(prepar
   np.testing.assert_array_equal(
       back["bert"]["encoder"]["layer_1"]["ffn"]["output"]["kernel"],
       unrolled["bert"]["encoder"]["layer_1"]["ffn"]["output"]["kernel"])
+
+
+def test_metrics_leave_the_device_only_on_log_steps(model_dir, tmp_path, monkeypatch):  # noqa: F811
+  """50 steps under a device-to-host transfer guard, reading the device only where the loop logs,
+  evaluates or saves (`trainer._sync`), here every 25 steps. The CPU backend does not enforce the
+  guard (its arrays live in host memory), so every host read of an array is also counted."""
+  import contextlib
+
+  import jax
+  from jax._src.array import ArrayImpl
+
+  from bert_jax import finetune, trainer
+  reads, inside = [], [False]
+  value = ArrayImpl._value
+  monkeypatch.setattr(ArrayImpl, "_value", property(
+      lambda self: (inside[0] or reads.append(self.shape), value.fget(self))[1]))
+  sync = trainer._sync
+
+  @contextlib.contextmanager
+  def counted_sync():
+    inside[0] = True
+    try:
+      with sync():
+        yield
+    finally:
+      inside[0] = False
+
+  monkeypatch.setattr(trainer, "_sync", counted_sync)
+  config = _classify_config(model_dir, tmp_path, **{"train.epochs": 20, "train.max_steps": 50})
+  run = finetune.setup(config, tmp_path / "run")
+  state = trainer.jit_create_state(run.mesh, run.objective, run.tx, 0)
+  features = run.task.train_features()
+  batches = [{k: v[i * 8:(i + 1) * 8] for k, v in features.items()} for i in range(2)]
+  saved, evaluated = [], []
+  writer = type("Writer", (), {"write": lambda self, step, values, split="train": None})()
+  loop = trainer.Loop(
+      mesh=run.mesh, step_fn=trainer.jit_train_step(
+          run.mesh, trainer.shardings_of(state), objective=run.objective, tx=run.tx,
+          schedule=run.schedule),
+      batch=lambda step: batches[step % 2], total_steps=50, log_every=25,
+      should_evaluate=lambda step: False,
+      evaluate=lambda st, step: evaluated.append(step) or {"x": float(st.step)},
+      should_checkpoint=lambda step: step % 25 == 0,
+      save=lambda step, st: saved.append((step, int(st.step))), writer=writer,
+      progress_bar=False)
+  reads.clear()
+  with jax.transfer_guard_device_to_host("disallow"):
+    state, last = trainer.fit(loop, state)
+  assert reads == []
+  assert saved == [(25, 25), (50, 50)] and evaluated == [50]
+  assert np.isfinite(last["loss"]) and last["eval_x"] == 50
+  float(state.step)  # the counter is real: a read outside `_sync` is seen
+  assert reads == [()]
