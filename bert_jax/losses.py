@@ -18,9 +18,14 @@ def cross_entropy_sum(logits: Array, labels: Array, weights: Array) -> tuple[Arr
 
 
 def accuracy_sum(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
-  """-> (sum of w * [argmax == label], sum of w)."""
+  """-> (sum of w * [the label's logit is the largest], sum of w).
+
+  The same as argmax == label except on exact ties (counted correct here). A max and a gather
+  instead of an argmax: XLA's CPU argmax over a 30k vocabulary (a variadic value-and-index
+  reduce) took 15% of a BERT-tiny pretraining step, the plain max shares log_softmax's."""
   weights = weights.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  correct = (label_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   return jnp.sum(correct * weights), jnp.sum(weights)
 
 
