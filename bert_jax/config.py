@@ -6,9 +6,14 @@ import dataclasses
 import json
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from bert_jax.errors import ConfigError
+
 _DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"  # compute dtype chosen by the backend the model runs on (resolve_dtype)
+ATTENTIONS = ("einsum", "dot_product")
 
 # Rematerialisation of each encoder layer in the backward pass: "none" keeps every activation,
 # "full" recomputes the whole layer from its input (saves nothing), the others name
@@ -32,17 +37,23 @@ class BertConfig:
   attention_dropout: float = 0.1  # dropout on attention probabilities
   layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's value)
   initializer_range: float = 0.02  # stddev of the truncated-free normal init
-  dtype: str = "float32"  # compute dtype of matmuls ("bfloat16" on TPU/GPU)
+  dtype: str = AUTO  # compute dtype of matmuls; "auto": bfloat16 on TPU/GPU, float32 on CPU
   param_dtype: str = "float32"  # storage dtype of parameters
   remat: str = "none"  # one of REMAT_POLICIES (old configs' False/True mean "none"/"full")
   scan_layers: bool = False  # run the layers with nn.scan: params under encoder/layers, [L, ...]
-  attention: str = "einsum"  # "einsum" or "dot_product" (jax.nn.dot_product_attention)
+  # "einsum" (BERT's, with attention dropout) or "dot_product": jax.nn.dot_product_attention,
+  # fused (cuDNN on GPU in bfloat16/float16), key lengths instead of a mask, no attention dropout.
+  attention: str = "einsum"
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
-      value = jnp.dtype(getattr(self, name)).name
+      value = getattr(self, name)
+      if name == "dtype" and value == AUTO:
+        continue
+      value = jnp.dtype(value).name
       if value not in _DTYPES:
-        raise ValueError(f"BertConfig.{name} must be one of {_DTYPES}, got {value!r}")
+        allowed = (AUTO, *_DTYPES) if name == "dtype" else _DTYPES
+        raise ValueError(f"BertConfig.{name} must be one of {allowed}, got {value!r}")
       object.__setattr__(self, name, value)
     if isinstance(self.remat, bool):  # config.json of checkpoints written before the policies
       object.__setattr__(self, "remat", "full" if self.remat else "none")
@@ -52,9 +63,13 @@ class BertConfig:
       raise ValueError(
           f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
           f"num_heads {self.num_heads}")
-    if self.attention not in ("einsum", "dot_product"):
-      raise ValueError(f"BertConfig.attention must be 'einsum' or 'dot_product', "
-                       f"got {self.attention!r}")
+    if self.attention not in ATTENTIONS:
+      raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if self.attention == "dot_product" and self.attention_dropout > 0:
+      raise ConfigError(
+          f"model.attention='dot_product' has no attention dropout, but "
+          f"model.attention_dropout={self.attention_dropout} (fine-tuning sets it from "
+          "train.dropout): set it to 0.0, or use model.attention='einsum'")
 
   @property
   def head_dim(self) -> int:
@@ -62,7 +77,16 @@ class BertConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
+    """The matmul dtype, "auto" resolved for the default backend (see resolve_dtype)."""
+    return resolve_dtype(self.dtype)
+
+  @property
+  def attention_implementation(self) -> str:
+    """`implementation` of jax.nn.dot_product_attention: cuDNN's fused kernel on GPU in
+    bfloat16/float16 (it has no float32 kernel), XLA's otherwise."""
+    if jax.default_backend() == "gpu" and self.compute_dtype != jnp.float32:
+      return "cudnn"
+    return "xla"
 
   @property
   def params_dtype(self) -> jnp.dtype:
@@ -88,6 +112,15 @@ class BertConfig:
   @classmethod
   def from_json(cls, text: str) -> BertConfig:
     return cls.from_dict(json.loads(text))
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+  """The compute dtype `name` means on `backend` (default: jax.default_backend()): "auto" is
+  float32 on CPU and bfloat16 on GPU and TPU."""
+  if name != AUTO:
+    return jnp.dtype(name)
+  backend = backend or jax.default_backend()
+  return jnp.dtype(jnp.float32 if backend == "cpu" else jnp.bfloat16)
 
 
 def _size(layers: int, hidden: int, heads: int) -> dict[str, int]:

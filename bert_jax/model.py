@@ -2,7 +2,8 @@
 
 Shape letters: B batch, T query positions, S key positions, D hidden, N heads, H head dim, F
 feed-forward width. Parameters are stored in `config.param_dtype`; matmuls run in
-`config.dtype`; softmax and LayerNorm run in float32.
+`config.compute_dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU); softmax and LayerNorm run
+in float32.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ class SelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention with padding masked out.
 
   Attributes of the call: x [B, T, D]; mask [B, T] (1 = real token, 0 = padding).
-  Returns [B, T, D] in the compute dtype.
+  Returns [B, T, D] in the compute dtype. With `config.attention == "dot_product"` the mask must
+  be real tokens first, then padding (as every batch of bert_jax.data is): the fused kernel takes
+  the per-row count of real tokens as the key length.
   """
 
   config: BertConfig
@@ -119,10 +122,10 @@ class SelfAttention(nn.Module):
     x = x.astype(cfg.compute_dtype)
     q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
                for n in ("query", "key", "value"))
-    use_fused = cfg.attention == "dot_product" and (deterministic or cfg.attention_dropout == 0)
-    if use_fused:
+    if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
       ctx = jax.nn.dot_product_attention(
-          q, k, v, mask=mask[:, None, None, :].astype(bool), scale=H**-0.5)
+          q, k, v, scale=H**-0.5, key_value_seq_lengths=mask.sum(-1, dtype=jnp.int32),
+          implementation=cfg.attention_implementation)
     else:
       scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
       big_neg = jnp.finfo(jnp.float32).min

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bert_jax import params as layout
-from bert_jax.config import REMAT_POLICIES, BertConfig, get_variant
+from bert_jax.config import REMAT_POLICIES, BertConfig, get_variant, resolve_dtype
+from bert_jax.errors import ConfigError
 from bert_jax.heads import (
   BertForPreTraining,
   BertForQuestionAnswering,
@@ -91,12 +92,69 @@ def test_padding_does_not_change_real_tokens():
 
 
 def test_fused_attention_matches_einsum():
+  """dot_product (jax.nn.dot_product_attention with key lengths) == einsum with the mask, in
+  float32 with dropout off, on a batch with padded rows: outputs and gradients."""
   ids, types, mask = _batch()
-  model = BertModel(TINY)
-  params = model.init(jax.random.key(0), ids, types, mask)
-  a = model.apply(params, ids, types, mask)
-  b = BertModel(TINY.replace(attention="dot_product")).apply(params, ids, types, mask)
-  np.testing.assert_allclose(a["sequence_output"], b["sequence_output"], atol=1e-5)
+  pos = np.array([[1, 2, 3]] * 3, np.int32)
+  einsum = TINY.replace(dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
+  fused = einsum.replace(attention="dot_product")
+  assert fused.attention_implementation == "xla"  # on CPU; "cudnn" on GPU in bfloat16
+  params = _pretraining_params(einsum)
+  close = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+  for deterministic in (True, False):
+    close(*(BertForPreTraining(c).apply({"params": params}, ids, types, mask, pos,
+                                        deterministic=deterministic) for c in (einsum, fused)))
+  close(*(_pretraining_grads(c, params, deterministic=False) for c in (einsum, fused)))
+
+
+def test_fused_attention_passes_key_lengths_not_a_mask(monkeypatch):
+  calls = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  ids, types, mask = _batch()
+  cfg = TINY.replace(attention="dot_product", attention_dropout=0.0)
+  BertModel(cfg).init_with_output(jax.random.key(0), ids, types, mask)
+  assert len(calls) == cfg.num_layers
+  assert "mask" not in calls[0] and calls[0]["implementation"] == "xla"
+  np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], [11, 7, 4])
+
+
+def test_fused_attention_with_attention_dropout_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"model\.attention='dot_product'.*"
+                     r"model\.attention_dropout=0\.1"):
+    TINY.replace(attention="dot_product")  # BERT's attention dropout 0.1
+  # Fine-tuning sets both dropouts from train.dropout: that path meets the same check.
+  from bert_jax import finetune
+  from configs import classify
+  c = classify.get_config("tiny")
+  c.model.attention, c.train.dropout = "dot_product", 0.1
+  try:
+    cfg = finetune.model_config(c, TINY)
+  except ConfigError:
+    pass
+  else:
+    assert cfg.attention == "dot_product" and cfg.attention_dropout == 0.0
+  with pytest.raises(ConfigError, match="model.attention must be one of"):
+    TINY.replace(attention="flash")
+
+
+def test_auto_dtype_resolves_per_backend():
+  assert BertConfig().dtype == "auto" == TINY.dtype
+  assert jax.default_backend() == "cpu" and TINY.compute_dtype == jnp.float32
+  assert resolve_dtype("auto", "gpu") == resolve_dtype("auto", "tpu") == jnp.bfloat16
+  assert resolve_dtype("auto", "cpu") == jnp.float32 == resolve_dtype("float32", "gpu")
+  # config.json keeps "auto", so a checkpoint runs in the dtype of wherever it is loaded.
+  assert BertConfig.from_json(TINY.to_json()).dtype == "auto"
+  with pytest.raises(ValueError, match=r"BertConfig\.param_dtype must be one of"):
+    TINY.replace(param_dtype="int8")
+  ids, types, mask = _batch()
+  params = BertModel(TINY).init(jax.random.key(0), ids, types, mask)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  dots = [e for e in jax.make_jaxpr(lambda p: BertModel(TINY).apply(p, ids, types, mask))(
+      params).jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(e.outvars[0].aval.dtype == jnp.float32 for e in dots)
 
 
 def test_bfloat16_compute_stays_close_to_float32():

@@ -12,7 +12,7 @@ import pytest
 from bert_jax import tokenizer
 from bert_jax.data import pretraining
 from bert_jax.data.errors import DataError
-from bert_jax.data.loader import PretrainingLoader
+from bert_jax.data.loader import PretrainingLoader, instance_generators
 
 
 def _load_split(data_dir, split="train"):
@@ -250,3 +250,126 @@ def test_command_line(small, tmp_path):
        str(tmp_path / "nope*.txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "x")],
       capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and "nope*.txt: no such file" in out.stderr
+
+
+# ----------------------------------------------------------------------------- vectorised masking
+
+
+def _reference_mask_tokens(tokens, spec, rng):
+  """The per-row masking that mask_batch replaced, kept as the reference (bert_jax before the
+  vectorised loader): its masks are the ones to reproduce bit for bit."""
+  n = len(tokens)
+  candidates = np.flatnonzero(~spec.special[tokens])
+  if spec.whole_word and candidates.size:
+    starts = spec.word_starts[tokens[candidates]]
+    starts |= np.diff(candidates, prepend=-2) != 1
+    groups = np.split(candidates, np.flatnonzero(starts)[1:])
+  else:
+    groups = [candidates[i:i + 1] for i in range(candidates.size)]
+  order = rng.permutation(len(groups))
+  num_to_predict = min(spec.max_predictions, max(1, int(round(n * spec.masked_lm_prob))))
+  chosen = []
+  for g in order:
+    if len(chosen) >= num_to_predict:
+      break
+    if len(chosen) + len(groups[g]) > num_to_predict:
+      continue
+    chosen.extend(groups[g].tolist())
+  positions = np.sort(np.asarray(chosen, np.int64))
+  labels = tokens[positions]
+  out = tokens.copy()
+  u = rng.random((positions.size, 2))
+  replace = np.where(u[:, 0] < 0.8, spec.mask_id,
+                     np.where(u[:, 1] < 0.5, labels,
+                              spec.normal_ids[rng.integers(0, spec.normal_ids.size,
+                                                           positions.size)]))
+  out[positions] = replace
+  return out, positions, labels
+
+
+def _reference_masked_features(input_ids, length, spec, rng, pad_id):
+  tokens, positions, labels = _reference_mask_tokens(
+      np.asarray(input_ids[:length], np.int64), spec, rng)
+  p = spec.max_predictions
+  ids = np.full(len(input_ids), pad_id, np.int32)
+  ids[:length] = tokens
+  f = {"input_ids": ids, "masked_lm_positions": np.zeros(p, np.int32),
+       "masked_lm_ids": np.zeros(p, np.int32), "masked_lm_weights": np.zeros(p, np.float32)}
+  f["masked_lm_positions"][:positions.size] = positions
+  f["masked_lm_ids"][:positions.size] = labels
+  f["masked_lm_weights"][:positions.size] = 1.0
+  return f
+
+
+def _assert_same_features(got, want):
+  assert set(got) == set(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_mask_batch_equals_the_per_row_reference_on_odd_rows(whole_word):
+  """Short rows, rows of special tokens only, long words, a budget larger than the candidates."""
+  rng = np.random.default_rng(0)
+  vocab, t = 50, 24
+  word_starts = rng.random(vocab) < 0.4
+  spec = pretraining.MaskingSpec.create([0, 1, 2, 3, 4], word_starts, 4, masked_lm_prob=0.3,
+                                        max_predictions=6, whole_word=whole_word)
+  ids = rng.integers(0, vocab, (64, t))
+  ids[:8] = rng.integers(0, 5, (8, t))  # no candidates
+  lengths = rng.integers(1, t + 1, 64)
+  lengths[8:12] = [1, 2, 3, t]
+  seeds = [[9, row] for row in range(64)]
+  got = pretraining.mask_batch(ids, lengths, spec, [np.random.default_rng(s) for s in seeds], 0)
+  for row in range(64):
+    want = _reference_masked_features(ids[row], int(lengths[row]), spec,
+                                      np.random.default_rng(seeds[row]), 0)
+    _assert_same_features({k: v[row] for k, v in got.items()}, want)
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_loader_masks_equal_the_per_row_reference(small, whole_word):
+  """Real batches at 128 tokens, shuffled and not, two seeds, across an epoch boundary: the same
+  masks bit for bit as masking row by row from (seed, epoch, instance index)."""
+  corpus, tok, d = small
+  out = d / f"dyn_ref{whole_word}"
+  pretraining.create_pretraining_data([corpus], tok, out, max_seq_length=128,
+                                      max_predictions_per_seq=20, dupe_factor=1, seed=1,
+                                      dynamic_masking=True, whole_word_mask=whole_word)
+  for seed, shuffle in ((2, False), (7, True)):
+    loader = PretrainingLoader(out, "train", 48, seed=seed, shuffle=shuffle)
+    n = loader.instances.num_instances
+    order = np.concatenate([np.random.default_rng(seed).permutation(n) if shuffle
+                            else np.arange(n), np.arange(n)])
+    for b in (0, 1, n // 48 - 1, n // 48, n // 48 + 1):  # the last ones straddle epochs 0 and 1
+      indices = order[b * 48:(b + 1) * 48]
+      got = loader._load(b, indices)
+      rows = loader.instances.rows(indices)
+      for j, index in enumerate(indices):
+        epoch = (b * 48 + j) // n
+        want = _reference_masked_features(
+            rows["input_ids"][j], int(rows["input_mask"][j].sum()), loader.masking,
+            np.random.default_rng([seed, epoch, int(index)]), loader.pad_id)
+        _assert_same_features({k: got[k][j] for k in want},
+                              {k: v.astype(got[k].dtype) for k, v in want.items()})
+
+
+def test_static_masks_equal_the_per_row_reference(small, monkeypatch):
+  corpus, tok, d = small
+  kw = dict(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, seed=4, workers=1,
+            whole_word_mask=True)
+  pretraining.create_pretraining_data([corpus], tok, d / "static_new", **kw)
+  monkeypatch.setattr(pretraining, "masked_features", _reference_masked_features)
+  pretraining.create_pretraining_data([corpus], tok, d / "static_ref", **kw)
+  files = sorted(p.name for p in (d / "static_ref").glob("*.npy"))
+  assert files
+  for name in files:
+    assert (d / "static_new" / name).read_bytes() == (d / "static_ref" / name).read_bytes(), name
+
+
+def test_instance_generators_are_default_rng_of_seed_epoch_index():
+  for seed in (0, 3, 2**40 + 1):  # past 32 bits: built from the list itself
+    epochs, indices = np.array([0, 1, 5]), np.array([7, 0, 2**31])
+    got = instance_generators(seed, epochs, indices)
+    for g, e, i in zip(got, epochs.tolist(), indices.tolist(), strict=True):
+      assert g.bit_generator.state == np.random.default_rng([seed, e, i]).bit_generator.state

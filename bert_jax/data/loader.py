@@ -9,6 +9,8 @@ ahead in grain's background threads.
 
 With dynamic masking (instances stored unmasked) each instance is masked here from a generator
 seeded by (seed, epoch, instance index): fresh masks each epoch, identical for any process count.
+Each row draws its own numbers; the choice of the masked tokens runs over the whole batch at once
+(pretraining.mask_batch).
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ log = logging.getLogger(__name__)
 BATCH_DTYPES = {"input_ids": np.int32, "input_mask": np.int32, "segment_ids": np.int32,
                 "masked_lm_positions": np.int32, "masked_lm_ids": np.int32,
                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32}
+
+
+def instance_generators(seed: int, epochs: np.ndarray, indices: np.ndarray
+                        ) -> list[np.random.Generator]:
+  """The masking generator of each instance: `np.random.default_rng([seed, epoch, index])`,
+  built from uint32 keys when all fit in 32 bits (the same SeedSequence, at a third of the
+  cost: the generators, not the masking, are most of the loader's time)."""
+  epochs, indices = np.asarray(epochs, np.int64), np.asarray(indices, np.int64)
+  keys = [seed, *epochs.tolist(), *indices.tolist()]
+  if not 0 <= min(keys) <= max(keys) < 2**32:
+    return [np.random.default_rng([seed, e, i])
+            for e, i in zip(epochs.tolist(), indices.tolist(), strict=True)]
+  words = np.empty((len(indices), 3), np.uint32)
+  words[:, 0], words[:, 1], words[:, 2] = seed, epochs, indices
+  sequence, bits, generator = np.random.SeedSequence, np.random.PCG64, np.random.Generator
+  return [generator(bits(sequence(w))) for w in words]
 
 
 class Instances:
@@ -134,12 +152,9 @@ class PretrainingLoader:
     if self.dynamic:
       first = batch_index * self.global_batch_size + self.offset
       epochs = (first + np.arange(len(mine))) // self.instances.num_instances
-      masked = [pretraining.masked_features(
-          rows["input_ids"][j], int(rows["input_mask"][j].sum()), self.masking,
-          np.random.default_rng([self.seed, int(epochs[j]), int(mine[j])]), self.pad_id)
-          for j in range(len(mine))]
-      for k in masked[0]:
-        rows[k] = np.stack([m[k] for m in masked])
+      rngs = instance_generators(self.seed, epochs, mine)
+      rows.update(pretraining.mask_batch(rows["input_ids"], rows["input_mask"].sum(1), self.masking,
+                                         rngs, self.pad_id))
     return {k: np.ascontiguousarray(rows[k], BATCH_DTYPES[k]) for k in BATCH_DTYPES}
 
   def __iter__(self):

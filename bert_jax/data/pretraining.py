@@ -89,38 +89,78 @@ class MaskingSpec:
                **options)
 
 
-def mask_tokens(tokens: np.ndarray, spec: MaskingSpec, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Masks one instance ([CLS] A [SEP] B [SEP], no padding): (masked tokens, sorted positions,
-  original ids at those positions)."""
-  n = len(tokens)
-  candidates = np.flatnonzero(~spec.special[tokens])
-  if spec.whole_word and candidates.size:
-    starts = spec.word_starts[tokens[candidates]]
-    # A word continues only over adjacent candidate positions.
-    starts |= np.diff(candidates, prepend=-2) != 1
-    groups = np.split(candidates, np.flatnonzero(starts)[1:])
-  else:
-    groups = [candidates[i:i + 1] for i in range(candidates.size)]
-  order = rng.permutation(len(groups))
-  num_to_predict = min(spec.max_predictions, max(1, int(round(n * spec.masked_lm_prob))))
-  chosen: list[int] = []
-  for g in order:
-    if len(chosen) >= num_to_predict:
+def mask_batch(input_ids: np.ndarray, lengths: np.ndarray, spec: MaskingSpec,
+               rngs: Sequence[np.random.Generator], pad_id: int) -> dict[str, np.ndarray]:
+  """Masks padded instances ([CLS] A [SEP] B [SEP], then padding), all rows at once.
+
+  input_ids [B, T] and lengths [B] (real tokens) -> {"input_ids": [B, T] int32 masked, pad_id
+  after the length; "masked_lm_positions", "masked_lm_ids": [B, P] int32 (sorted positions and
+  their original ids); "masked_lm_weights": [B, P] float32 (1 per prediction)}, P =
+  spec.max_predictions, zeros after the row's predictions.
+
+  Row b's choices come from rngs[b] (one generator per row, not shared): a permutation of its
+  groups (candidate tokens, or whole words), then, for its k chosen tokens, uniforms [k, 2]
+  (80% [MASK] / 10% itself / 10% random) and k indices into spec.normal_ids. The groups are
+  taken in that order while they fit in round(length * masked_lm_prob) (at least 1, at most P);
+  that choice runs vectorised over the batch.
+  """
+  n_rows, t = np.shape(input_ids)
+  lengths = np.asarray(lengths, np.int64)
+  ids = np.where(np.arange(t) < lengths[:, None], input_ids, pad_id).astype(np.int32)
+  cand = ~spec.special[ids]  # padding is special
+  start = cand.copy()  # the first token of each group
+  if spec.whole_word:  # a word continues only over adjacent candidates
+    start[:, 1:] &= spec.word_starts[ids[:, 1:]] | ~cand[:, :-1]
+  num_groups = start.sum(1)
+  # Group g of row b is slot b * (t + 1) + g of flat arrays; slot t of a row holds no group.
+  base = np.arange(0, n_rows * (t + 1), t + 1)[:, None]
+  group = np.where(cand, np.cumsum(start, axis=1, dtype=np.int32) - 1, t) + base
+  sizes = np.bincount(group.ravel(), minlength=n_rows * (t + 1))
+  order = np.empty((n_rows, t), np.int64)
+  order[:] = np.arange(t)  # groups past num_groups are empty, left in place
+  for b, (rng, g) in enumerate(zip(rngs, num_groups.tolist(), strict=True)):
+    rng.shuffle(order[b, :g])  # = rng.permutation(g), without the copy
+  order += base
+  budget = np.minimum(spec.max_predictions,
+                      np.maximum(1, np.rint(lengths * spec.masked_lm_prob))).astype(np.int64)
+  taken = _take_while_fits(sizes.take(order), budget, num_groups)
+  chosen = np.zeros(sizes.size, bool)
+  chosen[order[taken]] = True
+  flat = np.flatnonzero(chosen.take(group))  # sorted: by row, then position
+  r = flat // t
+  k = np.bincount(r, minlength=n_rows)
+  slot = r * spec.max_predictions + np.arange(flat.size) - np.repeat(np.cumsum(k) - k, k)
+  k = k.tolist()
+  u = np.concatenate([rng.random((n, 2)) for rng, n in zip(rngs, k, strict=True)])
+  pick = np.concatenate([rng.integers(0, spec.normal_ids.size, n)
+                         for rng, n in zip(rngs, k, strict=True)])
+  labels = ids.ravel()[flat]
+  ids.ravel()[flat] = np.where(u[:, 0] < 0.8, spec.mask_id,
+                               np.where(u[:, 1] < 0.5, labels, spec.normal_ids[pick]))
+  shape = (n_rows, spec.max_predictions)
+  f = {"input_ids": ids, "masked_lm_positions": np.zeros(shape, np.int32),
+       "masked_lm_ids": np.zeros(shape, np.int32), "masked_lm_weights": np.zeros(shape, np.float32)}
+  f["masked_lm_positions"].ravel()[slot] = flat % t
+  f["masked_lm_ids"].ravel()[slot] = labels
+  f["masked_lm_weights"].ravel()[slot] = 1.0
+  return f
+
+
+def _take_while_fits(sizes: np.ndarray, budget: np.ndarray, num_groups: np.ndarray
+                     ) -> np.ndarray:
+  """sizes [B, G] of the groups in visiting order -> taken [B, G]: each row takes a group when it
+  fits in what is left of its budget [B], and stops once the budget is filled."""
+  cum = np.cumsum(sizes, axis=1)
+  taken = cum <= budget[:, None]  # the prefix that fits whole (cum only grows)
+  first = taken.sum(1)  # the first group that did not fit
+  filled = np.where(first > 0, cum[np.arange(len(cum)), np.maximum(first - 1, 0)], 0)
+  for j in range(int(first.min(initial=0)), int(num_groups.max(initial=0))):
+    if ((filled == budget) | (num_groups <= j)).all():
       break
-    if len(chosen) + len(groups[g]) > num_to_predict:
-      continue
-    chosen.extend(groups[g].tolist())
-  positions = np.sort(np.asarray(chosen, np.int64))
-  labels = tokens[positions]
-  out = tokens.copy()
-  u = rng.random((positions.size, 2))
-  replace = np.where(u[:, 0] < 0.8, spec.mask_id,
-                     np.where(u[:, 1] < 0.5, labels,
-                              spec.normal_ids[rng.integers(0, spec.normal_ids.size,
-                                                           positions.size)]))
-  out[positions] = replace
-  return out, positions, labels
+    fits = (j >= first) & (filled + sizes[:, j] <= budget)
+    taken[:, j] |= fits
+    filled += np.where(fits, sizes[:, j], 0)
+  return taken
 
 
 def pad_instance(tokens: np.ndarray, segments: np.ndarray, is_random_next: bool,
@@ -136,17 +176,9 @@ def pad_instance(tokens: np.ndarray, segments: np.ndarray, is_random_next: bool,
 
 def masked_features(input_ids: np.ndarray, length: int, spec: MaskingSpec,
                     rng: np.random.Generator, pad_id: int) -> dict[str, np.ndarray]:
-  """The masked-LM features of one (padded) instance: input_ids masked and the three targets."""
-  tokens, positions, labels = mask_tokens(np.asarray(input_ids[:length], np.int64), spec, rng)
-  p = spec.max_predictions
-  ids = np.full(len(input_ids), pad_id, np.int32)
-  ids[:length] = tokens
-  f = {"input_ids": ids, "masked_lm_positions": np.zeros(p, np.int32),
-       "masked_lm_ids": np.zeros(p, np.int32), "masked_lm_weights": np.zeros(p, np.float32)}
-  f["masked_lm_positions"][:positions.size] = positions
-  f["masked_lm_ids"][:positions.size] = labels
-  f["masked_lm_weights"][:positions.size] = 1.0
-  return f
+  """The masked-LM features of one (padded) instance: mask_batch of one row."""
+  f = mask_batch(np.asarray(input_ids)[None], np.array([length]), spec, [rng], pad_id)
+  return {k: v[0] for k, v in f.items()}
 
 
 # ----------------------------------------------------------------------------- documents
