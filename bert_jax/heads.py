@@ -21,6 +21,25 @@ def gather_positions(x: Array, positions: Array) -> Array:
   return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
 
 
+@jax.custom_vjp
+def add_bias(x: Array, bias: Array) -> Array:
+  """x [..., V] + bias [V], whose gradient sums over the leading axes as a matmul with ones:
+  XLA's CPU column reduction over [batch * predictions, 30k] took 7x the matmul's time."""
+  return x + bias
+
+
+def _add_bias_fwd(x, bias):
+  return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+  rows = g.reshape(-1, g.shape[-1])
+  return g, jnp.ones((rows.shape[0],), g.dtype) @ rows
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class MaskedLMHead(nn.Module):
   """Dense -> GELU -> LayerNorm -> tied word-embedding decoder + output bias.
 
@@ -34,7 +53,7 @@ class MaskedLMHead(nn.Module):
     cfg = self.config
     h = layer_norm(cfg, "layer_norm")(gelu(dense(cfg, cfg.hidden_size, "transform")(x)))
     bias = self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
-    return decode(h).astype(jnp.float32) + bias.astype(jnp.float32)
+    return add_bias(decode(h).astype(jnp.float32), bias.astype(jnp.float32))
 
 
 class NextSentenceHead(nn.Module):

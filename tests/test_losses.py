@@ -25,3 +25,26 @@ def test_accuracy_counts_a_tie_as_correct_and_cross_entropy_is_a_sum():
   logp = jax.nn.log_softmax(logits)
   np.testing.assert_allclose(float(loss), -(logp[0, 2] + 0.5 * logp[1, 0]), rtol=1e-6)
   assert float(n) == 1.5
+
+
+def test_written_out_gradients_equal_autodiff():
+  from bert_jax.heads import add_bias
+  logits = 3 * jax.random.normal(jax.random.key(2), (3, 5, 211))
+  labels = jax.random.randint(jax.random.key(3), (3, 5), 0, 211)
+  weights = jax.random.uniform(jax.random.key(4), (3, 5))
+  bias = jax.random.normal(jax.random.key(5), (211,))
+
+  def ours(x, b):
+    return losses.cross_entropy_sum(add_bias(x, b), labels, weights)[0]
+
+  def reference(x, b):
+    logp = jax.nn.log_softmax(x + b, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, labels[..., None], -1)[..., 0] * weights)
+
+  np.testing.assert_allclose(ours(logits, bias), reference(logits, bias), rtol=1e-6)
+  for got, want in zip(jax.grad(ours, (0, 1))(logits, bias),
+                       jax.grad(reference, (0, 1))(logits, bias), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  # The accuracy carries no gradient.
+  acc_grad = jax.grad(lambda x: losses.accuracy_sum(x, labels, weights)[0])(logits)
+  assert not np.any(acc_grad)
