@@ -35,11 +35,17 @@ def _finetune(model_dir, tmp_path, name, **over):  # noqa: F811
   return np.array(list(_train_losses(tmp_path / name).values())), best
 
 
+@pytest.fixture(scope="module")
+def one_device_run(model_dir, tmp_path_factory):  # noqa: F811
+  """The reference fine-tuning run on one device, dropout on (made once for the meshes)."""
+  return _finetune(model_dir, tmp_path_factory.mktemp("one"), "one", **{"train.dropout": 0.1})
+
+
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
 def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
-                                                  fsdp):
+                                                  fsdp, one_device_run):
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)  # shard the tiny model's arrays too
-  ref, ref_best = _finetune(model_dir, tmp_path, "one", **{"train.dropout": 0.1})
+  ref, ref_best = one_device_run
   got, best = _finetune(model_dir, tmp_path, "mesh", **{
       "train.dropout": 0.1, "train.num_devices": data * fsdp, "train.fsdp": fsdp})
   assert len(ref) == 5 and ref[0] != ref[-1]
