@@ -325,8 +325,9 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   if batch_size <= 0 or seq_len <= 0 or batch_size % (devices * grad_accum):
     raise ValueError(f"batch_size {batch_size} must be positive and divisible by devices * "
                      f"grad_accum = {devices} * {grad_accum} (seq_len {seq_len} positive)")
+  fused = {"attention_dropout": 0.0} if opts.attention == "dot_product" else {}  # no dropout
   config = model_config(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
-                        attention=opts.attention,
+                        attention=opts.attention, **fused,
                         **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
   if seq_len > config.max_position_embeddings:
     raise ValueError(f"--seq_len {seq_len} exceeds the position table "
@@ -358,7 +359,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   return {"task": opts.task, "variant": variant, "batch_size": batch_size, "seq_len": seq_len,
           "layers": config.num_layers, "hidden": config.hidden_size, "heads": config.num_heads,
           "vocab_size": config.vocab_size,
-          "max_predictions": preds, "dtype": dtype, "remat": remat, "grad_accum": grad_accum,
+          "max_predictions": preds, "dtype": config.compute_dtype.name, "remat": remat,
+          "attention_dropout": config.attention_dropout, "grad_accum": grad_accum,
           "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
           "fsdp": fsdp, "scan_layers": opts.scan_layers,
           "state_bytes_per_device": ours.state_bytes_per_device,
@@ -413,7 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="0: BERT's 30522; set to a tokenizer's size to match a train.py run")
   p.add_argument("--steps", type=int, default=10, help="timed steps (per round with --against)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--dtype", type=_csv(str), default=["float32"], help="compute dtype")
+  p.add_argument("--dtype", type=_csv(str), default=["auto"],
+                 help="compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, ...")
   p.add_argument("--remat", type=_csv(str), default=["none"],
                  help="policy: none, full, dots_saveable, dots_with_no_batch_dims_saveable")
   p.add_argument("--scan_layers", type=_bool, default=False, help="nn.scan over the layers")
@@ -422,7 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="devices per FSDP group (1: replicated data parallelism)")
   p.add_argument("--grad_accum", type=_csv(int), default=[1])
   p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
-  p.add_argument("--attention", choices=("einsum", "dot_product"), default="einsum")
+  p.add_argument("--attention", choices=("einsum", "dot_product"), default="einsum",
+                 help="dot_product: jax.nn.dot_product_attention (cuDNN on GPU), no attention "
+                      "dropout")
   p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
   p.add_argument("--json", default=None, help="write JSON lines to this file ('-': stdout)")
   p.add_argument("--against", choices=("hf-torch",), default=None)

@@ -51,6 +51,11 @@ def test_one_sane_record_per_combination(tmp_path):
     assert set(r["xla_matmul_peak_flops"]) == {"float32", "bfloat16"}
 
 
+def test_fused_attention_runs_without_attention_dropout():
+  (r,) = bench.main(TINY + ["--devices", "1", "--attention", "dot_product"])
+  assert (r["attention"], r["attention_dropout"], r["dtype"]) == ("dot_product", 0.0, "float32")
+
+
 def test_fine_tuning_step_and_custom_sizes():
   (r,) = bench.main(TINY + ["--task", "classification", "--variant", "L3-H48-A4", "--devices",
                             "2", "--fsdp", "2"])
