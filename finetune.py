@@ -6,11 +6,10 @@ pretraining workdir of ours, an exported model directory or a Hugging Face BERT 
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from bert_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "task config (configs/classify.py or "
+_CONFIG = cli.define_config_flag(__file__, None, "task config (configs/classify.py or "
                                           "configs/squad.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and outputs")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -19,8 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
   del argv
   from bert_jax import finetune
-  cli.run(finetune.main, _CONFIG.value, _WORKDIR.value)
+  cli.run(finetune.main, cli.config_value(_CONFIG), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)

@@ -2,11 +2,10 @@
 bundled corpus in ./workdir/pretrain_tiny. See configs/pretrain.py for every option."""
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from bert_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
+_CONFIG = cli.define_config_flag(__file__, "configs/pretrain.py",
                                           "pretraining config file (configs/pretrain.py:VARIANT)")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain_tiny",
                                "directory for the tokenizer, data, checkpoints and metrics")
@@ -15,8 +14,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain_tiny",
 def _main(argv):
   del argv
   from bert_jax import pretrain
-  cli.run(pretrain.main, _CONFIG.value, _WORKDIR.value)
+  cli.run(pretrain.main, cli.config_value(_CONFIG), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)
