@@ -82,6 +82,9 @@ def evaluate_v1(dataset: list[dict], predictions: dict[str, str]) -> dict[str, f
       print(f"Unanswered question {qa['id']} will receive score 0.", file=sys.stderr)
       continue
     golds, pred = [a["text"] for a in qa["answers"]], predictions[qa["id"]]
+    if not golds:
+      raise DataError(f"question {qa['id']!r} has no answers: a v1.1 file needs at least one "
+                      "per question (SQuAD v2.0 marks unanswerable ones with is_impossible)")
     exact += max(exact_score(g, pred) for g in golds)
     f1 += max(f1_score(g, pred, empty_agrees=False) for g in golds)
   return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
@@ -147,6 +150,9 @@ def evaluate_v2(dataset: list[dict], predictions: dict[str, str],
   every total instead of only the overall one.
   """
   exact_raw, f1_raw, has_ans = raw_scores_v2(dataset, predictions)
+  if not exact_raw:
+    raise DataError(f"none of the {len(predictions)} predictions is for a question of the data "
+                    f"file (its {len(has_ans)} ids look like {next(iter(has_ans), '')!r})")
   probs = na_probs if na_probs is not None else {k: 0.0 for k in predictions}
   missing = [k for k in exact_raw if k not in probs]
   if missing:
@@ -332,7 +338,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raise DataError(f"{args.data_file}: not a SQuAD file (expected an object with a 'data' list)")
   preds = _load_mapping(args.pred_file, str)
   na_probs = _load_mapping(args.na_prob_file, (int, float)) if args.na_prob_file else None
-  result = evaluate(dataset, preds, na_probs, args.na_prob_thresh)
+  try:
+    result = evaluate(dataset, preds, na_probs, args.na_prob_thresh)
+  except DataError as e:
+    raise DataError(f"{args.data_file} with {args.pred_file}: {e}") from None
   print(json.dumps(result, indent=2))
   return result
 

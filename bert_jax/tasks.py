@@ -160,6 +160,11 @@ class SquadTask:
     self.eval_examples = squad.read_squad(d.eval_file) if d.eval_file else None
     self.eval_json = squad.load_json(d.eval_file) if d.eval_file else None
     self.version_2 = bool(self.eval_json and squad_eval.is_v2(self.eval_json))
+    unanswered = [ex.qas_id for ex in self.eval_examples or () if not ex.answers]
+    if unanswered and not self.version_2:
+      raise squad.DataError(
+          f"{d.eval_file}: {len(unanswered)} questions without answers (e.g. {unanswered[0]!r}) "
+          "in a v1.1 file, which cannot be scored; mark them is_impossible in a v2.0 file")
     counts = squad.answer_counts(self.train_examples)
     log.info("squad: %d training questions (%s)", len(self.train_examples), counts)
 

@@ -195,3 +195,22 @@ def test_metrics_leave_the_device_only_on_log_steps(model_dir, tmp_path, monkeyp
   assert np.isfinite(last["loss"]) and last["eval_x"] == 50
   float(state.step)  # the counter is real: a read outside `_sync` is seen
   assert reads == [()]
+
+
+def test_squad_eval_questions_without_answers_are_refused_before_training(model_dir, tmp_path):  # noqa: F811
+  import json as json_
+
+  from test_finetune import _squad_json
+
+  from bert_jax import finetune
+  from bert_jax.data.errors import DataError
+  from configs import squad
+  data = json_.loads(_squad_json(tmp_path / "s.json").read_text())
+  data["data"][0]["paragraphs"][0]["qas"][0]["answers"] = []
+  (tmp_path / "eval.json").write_text(json_.dumps(data))
+  c = squad.get_config("tiny")
+  c.init_from, c.train.num_devices, c.train.progress_bar = str(model_dir), 1, False
+  c.data.train_file, c.data.eval_file = str(tmp_path / "s.json"), str(tmp_path / "eval.json")
+  with pytest.raises(DataError, match=r"eval.json: 1 questions without answers \(e.g. 'q1'\)"):
+    finetune.main(c, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()

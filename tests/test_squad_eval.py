@@ -215,3 +215,25 @@ def test_cli_checks_prediction_values(tmp_path):
     squad_eval.main([str(data), str(preds)])
   with pytest.raises(ValueError, match="v2.0 only"):
     squad_eval.evaluate(_dataset(V2_QAS[:2], "1.1"), {"a": ""}, {"a": 0.5})
+
+
+@pytest.mark.parametrize("version,answers,preds,message", [
+    ("1.1", [], {"q1": "Hamlet"}, "question 'q1' has no answers"),
+    ("v2.0", [{"text": "Hamlet", "answer_start": 0}], {"zz": "Hamlet"},
+     "none of the 1 predictions is for a question"),
+])
+def test_unscorable_files_are_one_line(tmp_path, version, answers, preds, message):
+  import subprocess
+  import sys
+  qa = {"id": "q1", "question": "who?", "answers": answers}
+  if version == "v2.0":
+    qa["is_impossible"] = False
+  data = {"version": version, "data": [{"title": "t", "paragraphs": [
+      {"context": "Hamlet is the Prince of Denmark.", "qas": [qa]}]}]}
+  (tmp_path / "d.json").write_text(json.dumps(data))
+  (tmp_path / "p.json").write_text(json.dumps(preds))
+  out = subprocess.run([sys.executable, "-m", "bert_jax.squad_eval", str(tmp_path / "d.json"),
+                        str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {tmp_path / 'd.json'} with ") and message in last, out.stderr
