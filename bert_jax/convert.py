@@ -18,16 +18,18 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from bert_jax import files
 from bert_jax.config import BertConfig
 from bert_jax.files import replacing_dir
 from bert_jax.params import (
@@ -269,8 +271,12 @@ def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
   params is our full BertForPreTraining tree {"bert", "mlm", "nsp"} of float32 numpy arrays,
   layers unrolled (config.scan_layers is False; `bert_jax.params.match_layout` converts);
   heads (and the pooler) the source lacks are initialised fresh, with a warning naming them.
+  A URL (gs://...) is read through a local copy.
   """
-  path = pathlib.Path(path)
+  path = files.path(path)
+  if not (path / "config.json").is_file():
+    raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
+  path = pathlib.Path(files.local(path))
   config_file = path / "config.json"
   if not config_file.is_file():
     raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
@@ -294,24 +300,24 @@ def _hf_tensors(config: BertConfig, flat: Mapping[tuple[str, ...], Any]
   return tensors
 
 
-def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | pathlib.Path,
-          tokenizer_path: str | pathlib.Path | None = None) -> pathlib.Path:
+def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | os.PathLike,
+          tokenizer_path: str | os.PathLike | None = None) -> epath.Path:
   """Writes config.json + model.safetensors (+ the tokenizer file) for
   `transformers.BertForPreTraining.from_pretrained(out_dir)`, atomically.
 
   params: our full tree, or the encoder alone (the heads are then written freshly initialised),
-  in either layout.
+  in either layout. out_dir may be a URL (gs://...). Call it on one process.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   check_params(config, params)
   params = complete_params(config, unstack_layers(params))
   tensors = _hf_tensors(config, traverse_util.flatten_dict(params))
   with replacing_dir(out_dir) as tmp:
     (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     if tokenizer_path is not None:
-      shutil.copy2(tokenizer_path, tmp / pathlib.Path(tokenizer_path).name)
-  return pathlib.Path(out_dir).absolute()
+      files.copy(tokenizer_path, tmp / files.path(tokenizer_path).name)
+  return files.path(out_dir)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -13,14 +13,14 @@ import functools
 import json
 import logging
 import os
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from bert_jax import checkpoint, optim, sharding, tokenizer, trainer
+from bert_jax import checkpoint, files, optim, sharding, tokenizer, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError
 from bert_jax.metrics import MetricWriter
@@ -35,21 +35,22 @@ class FinetuneError(ConfigError):
 # ----------------------------------------------------------------------------- starting point
 
 
-def _is_hf_dir(path: pathlib.Path) -> bool:
+def _is_hf_dir(path: epath.Path) -> bool:
   if not (path / "config.json").is_file() or (path / "params").is_dir():
     return False
   return any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
 
 
-def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, pathlib.Path]:
-  """(model config, encoder params or None, tokenizer path) from `init_from`/`tokenizer`."""
-  tok = pathlib.Path(config.tokenizer) if config.tokenizer else None
+def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, epath.Path]:
+  """(model config, encoder params or None, tokenizer path) from `init_from`/`tokenizer`.
+  The encoder params are host numpy arrays, whatever topology wrote them."""
+  tok = files.path(config.tokenizer) if config.tokenizer else None
   if not config.init_from:
     if tok is None:
       raise FinetuneError("random initialisation (init_from='') needs --config.tokenizer")
     vocab = tokenizer.load(tok).vocab_size
     return get_variant(config.model.variant, vocab_size=vocab), None, tok
-  path = pathlib.Path(config.init_from)
+  path = files.path(config.init_from)
   if not path.exists():
     raise FinetuneError(f"init_from: {path} does not exist")
   if _is_hf_dir(path):
@@ -64,7 +65,7 @@ def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, path
   return bert, params.get("bert", params), tok
 
 
-def check_vocab(bert: BertConfig, vocab_size: int, tokenizer_path: pathlib.Path) -> None:
+def check_vocab(bert: BertConfig, vocab_size: int, tokenizer_path: epath.Path) -> None:
   if bert.vocab_size != vocab_size:
     raise FinetuneError(f"the checkpoint's vocabulary has {bert.vocab_size} entries but the "
                         f"tokenizer {tokenizer_path} has {vocab_size}: they do not belong together")
@@ -104,10 +105,10 @@ def predict(params, features: dict[str, np.ndarray], batch_size: int, mesh, fn
 @dataclasses.dataclass
 class Run:
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path
   task: Any
   bert: BertConfig
-  tokenizer_path: pathlib.Path
+  tokenizer_path: epath.Path
   mesh: Any
   objective: trainer.Objective
   tx: Any
@@ -125,13 +126,10 @@ class Run:
         self.param_shardings)
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  """Atomic: a failure never leaves a half-written file over a good one."""
-  if jax.process_index() != 0:
-    return
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-  os.replace(tmp, path)
+def _write_json(path: epath.Path, obj: Any) -> None:
+  """Process 0 only; atomic: a failure never leaves a half-written file over a good one."""
+  if jax.process_index() == 0:
+    files.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertConfig:
@@ -141,7 +139,7 @@ def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertCon
                       scan_layers=m.scan_layers, attention=m.attention)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   from bert_jax import tasks
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +194,9 @@ def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:
   return state, {"best": None}
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
   """Fine-tunes per `config`; returns the best evaluation metrics (or the last train metrics)."""
-  workdir = pathlib.Path(workdir)
+  workdir = files.path(workdir)
   run = setup(config, workdir)
   t = config.train
   mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_DIR, t.keep_checkpoints)
@@ -234,6 +232,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   try:
     state, last = trainer.fit(loop, state)
   finally:
+    mngr.close()  # waits for an asynchronous save still being written
     writer.close()
   if getattr(run.task, "predict_examples", None):
     _predict_file(run, state)

@@ -1,47 +1,76 @@
-"""Metric logs: metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+"""Metric logs: metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
+
+The workdir may be a URL (gs://...): an object cannot be appended to, so there the JSONL file is
+kept in memory (with what an earlier run wrote) and uploaded whole, at most every
+`upload_seconds` and on close; TensorBoard writes gs:// itself (tensorboardX through
+google-cloud-storage).
+"""
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from bert_jax import files
+
 
 class MetricWriter:
   """Appends {"step", "time", "split", ...} records to <workdir>/metrics.jsonl and writes the
   same scalars as TensorBoard events under <workdir>/tensorboard/<split>."""
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: files.PathLike, upload_seconds: float = 10.0):
     self.enabled = jax.process_index() == 0
-    self._workdir = pathlib.Path(workdir)
+    self._workdir = files.path(workdir)
+    self._remote = files.is_url(self._workdir)
+    self._upload_seconds, self._uploaded = upload_seconds, 0.0
     self._tb: dict[str, Any] = {}
-    if self.enabled:
-      self._workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(self._workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    if not self.enabled:
+      return
+    self._workdir.mkdir(parents=True, exist_ok=True)
+    jsonl = self._workdir / "metrics.jsonl"
+    if self._remote:
+      self._lines = jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else []
+    else:
+      self._jsonl = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
 
   def _board(self, split: str):
     if split not in self._tb:
       from tensorboardX import SummaryWriter
-      self._tb[split] = SummaryWriter(str(self._workdir / "tensorboard" / split))
+      self._tb[split] = SummaryWriter(os.fspath(self._workdir / "tensorboard" / split))
     return self._tb[split]
+
+  def _upload(self) -> None:
+    (self._workdir / "metrics.jsonl").write_text("".join(self._lines))
+    self._uploaded = time.monotonic()
 
   def write(self, step: int, scalars: dict[str, Any], split: str = "train") -> None:
     if not self.enabled:
       return
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     record = {"step": int(step), "time": round(time.time(), 3), "split": split, **values}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      if time.monotonic() - self._uploaded >= self._upload_seconds:
+        self._upload()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     board = self._board(split)
     for k, v in values.items():
       board.add_scalar(k, v, int(step))
 
   def close(self) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    if self._remote:
+      self._upload()
+    else:
       self._jsonl.close()
-      for board in self._tb.values():
-        board.close()
+    for board in self._tb.values():
+      board.close()

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
-import shutil
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
+from etils import epath
 
-from bert_jax import checkpoint, losses, optim, sharding, trainer
+from bert_jax import checkpoint, files, losses, optim, sharding, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 - raised from here
 from bert_jax.heads import BertForPreTraining
@@ -56,72 +55,64 @@ def _input_files(config: ml_collections.ConfigDict) -> list[str]:
     raise ConfigError(f"data.input_files: {e}") from None
 
 
-def _on_process_0(fn, *args, **kwargs):
-  """Runs fn on process 0 only, then lets every process continue (a barrier). Every process must
-  call it unconditionally: whether there is work to do is for fn to decide on process 0 (another
-  process testing the file system itself could see process 0's output already and skip the
-  barrier)."""
-  result = fn(*args, **kwargs) if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"bert_jax:{fn.__name__}")
-  return result
-
-
-def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+def _copy_tokenizer(src: epath.Path, dst: epath.Path) -> None:
   if not dst.exists():
-    shutil.copy2(src, dst)
+    files.copy(src, dst)
 
 
-def _train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                     dst: pathlib.Path) -> None:
+def _train_tokenizer(config: ml_collections.ConfigDict, dst: epath.Path) -> None:
   from bert_jax import tokenizer
   if not dst.exists():
     log.info("training a SentencePiece tokenizer (%d pieces) into %s",
              config.data.tokenizer_vocab_size, dst)
-    tokenizer.train_sentencepiece(_input_files(config), config.data.tokenizer_vocab_size,
-                                  str(workdir / "tokenizer"), model_type=config.data.tokenizer_type,
-                                  lowercase=config.data.tokenizer_lowercase)
+    with files.local_output(dst) as out:
+      tokenizer.train_sentencepiece(_input_files(config), config.data.tokenizer_vocab_size,
+                                    str(out.with_suffix("")), model_type=config.data.tokenizer_type,
+                                    lowercase=config.data.tokenizer_lowercase)
 
 
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
   """The tokenizer file inside the workdir: copied from data.tokenizer, or trained there."""
   if config.data.tokenizer:
-    src = pathlib.Path(config.data.tokenizer)
+    src = files.path(config.data.tokenizer)
     if not src.is_file():
       raise ConfigError(f"data.tokenizer: {src} does not exist")
     dst = workdir / src.name
-    _on_process_0(_copy_tokenizer, src, dst)
+    files.on_process_0(_copy_tokenizer, src, dst)
     return dst
   dst = workdir / "tokenizer.model"
-  _on_process_0(_train_tokenizer, config, workdir, dst)
+  files.on_process_0(_train_tokenizer, config, dst)
   return dst
 
 
-def _create_data(config: ml_collections.ConfigDict, data_dir: pathlib.Path,
-                 tokenizer_path: pathlib.Path) -> None:
+def _create_data(config: ml_collections.ConfigDict, data_dir: epath.Path,
+                 tokenizer_path: epath.Path) -> None:
   from bert_jax.data import pretraining
   d = config.data
   if (data_dir / "manifest.json").exists():
     return
   log.info("creating pretraining instances in %s", data_dir)
-  pretraining.create_pretraining_data(
-      _input_files(config), str(tokenizer_path), str(data_dir), max_seq_length=d.max_seq_length,
-      max_predictions_per_seq=d.max_predictions_per_seq, masked_lm_prob=d.masked_lm_prob,
-      short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor, seed=d.seed,
-      whole_word_mask=d.whole_word_mask, dynamic_masking=d.dynamic_masking,
-      eval_fraction=d.eval_fraction)
+  with files.local_output(data_dir) as out:
+    pretraining.create_pretraining_data(
+        _input_files(config), str(files.local(tokenizer_path)), str(out),
+        max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
+        masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
+        dupe_factor=d.dupe_factor, seed=d.seed, whole_word_mask=d.whole_word_mask,
+        dynamic_masking=d.dynamic_masking, eval_fraction=d.eval_fraction)
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 tokenizer_path: pathlib.Path) -> pathlib.Path:
-  """The prepared-instance directory: data.data_dir, or <workdir>/data created when missing."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path,
+                 tokenizer_path: epath.Path) -> epath.Path:
+  """The prepared-instance directory: data.data_dir, or <workdir>/data created when missing.
+  Returned local: a directory on an object store is copied to this host's cache first (the
+  loader memory-maps its shards)."""
   d = config.data
-  data_dir = pathlib.Path(d.data_dir) if d.data_dir else workdir / "data"
+  data_dir = files.path(d.data_dir) if d.data_dir else workdir / "data"
   if d.data_dir and not (data_dir / "manifest.json").exists():
     raise ConfigError(f"data.data_dir: {data_dir} has no manifest.json (create it with "
                       "python -m bert_jax.data.pretraining, or leave data_dir empty)")
-  _on_process_0(_create_data, config, data_dir, tokenizer_path)
-  return data_dir
+  files.on_process_0(_create_data, config, data_dir, tokenizer_path)
+  return files.local(data_dir)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
@@ -163,12 +154,12 @@ class Setup:
   objective: trainer.Objective
   tx: Any
   schedule: Any
-  data_dir: pathlib.Path
+  data_dir: epath.Path
   manifest: dict
-  tokenizer_path: pathlib.Path
+  tokenizer_path: epath.Path
 
 
-def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   from bert_jax import tokenizer
   from bert_jax.data import pretraining
   sharding.init_distributed()
@@ -249,11 +240,11 @@ def evaluate(s: Setup, config: ml_collections.ConfigDict, eval_fn, params) -> di
 # ----------------------------------------------------------------------------- the loop
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
   """Pretrains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last
   logged train metrics plus the final evaluation."""
   from bert_jax.data.loader import PretrainingLoader
-  workdir = pathlib.Path(workdir)
+  workdir = files.path(workdir)
   s = setup(config, workdir)
   t = config.train
   mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_DIR, t.keep_checkpoints)
@@ -284,5 +275,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   try:
     _, last = trainer.fit(loop, state)
   finally:
+    mngr.close()  # waits for an asynchronous save still being written
     writer.close()
   return last

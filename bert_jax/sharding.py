@@ -37,25 +37,33 @@ BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device
 MIN_SHARDED_SIZE = 2**14  # smaller arrays (biases, LayerNorm) stay replicated
 SCANNED_LAYERS = "layers"  # the parameter name that holds a scanned encoder's stacked layers
 
-# Environment variables that mean "this process is one of several": jax.distributed reads them.
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
+def _cluster_detected() -> bool:
+  """Whether jax's own cluster detection (the one jax.distributed.initialize() runs without
+  arguments) recognises this machine: a Cloud TPU VM slice (GCE or GKE, asked of the metadata
+  server), SLURM, Open MPI, Kubernetes. The opt-in methods (mpi4py) are skipped, as jax does."""
+  from jax._src import clusters  # private, but it is jax's detection itself
+  return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types
+             if not env.opt_in_only_method)
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
-  """Joins the processes of a multi-host run (no-op for a single process).
+  """Joins the processes of a multi-host run; a no-op for a single process outside a cluster.
 
   With explicit arguments (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set)
-  connects to that coordinator; on TPU pods, SLURM and Open MPI, jax detects the cluster itself.
+  connects to that coordinator; on a Cloud TPU VM (also a single-host slice: the coordination
+  service is what delivers preemption notices to the loop), SLURM, Open MPI or Kubernetes jax
+  detects the cluster itself. Call it before anything else touches a jax backend.
   """
+  if jax.distributed.is_initialized():
+    return
   if coordinator is None and num_processes is None:
-    if not any(os.environ.get(k) for k in _CLUSTER_ENV):
-      return
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if os.environ.get("JAX_NUM_PROCESSES"):
       num_processes = int(os.environ["JAX_NUM_PROCESSES"])
       process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator is None and not _cluster_detected():
+      return
   # Collectives between CPU processes (affects only the CPU client; asking which backend is the
   # default here would start it, and initialize() must come first).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

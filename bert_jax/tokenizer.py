@@ -31,7 +31,9 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
+from bert_jax import files
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.errors import BertJaxError
@@ -299,10 +301,11 @@ def _infer_lowercase(path: pathlib.Path, vocab: dict[str, int]) -> bool:
   return not any(t.lower() != t for t in vocab if not (t.startswith("[") and t.endswith("]")))
 
 
-def find_file(directory: str | pathlib.Path) -> pathlib.Path | None:
+def find_file(directory: str | os.PathLike) -> epath.Path | None:
   """The tokenizer file kept in a model directory (for a checkpoint step directory
-  `<workdir>/checkpoints/<step>`, in its workdir): one of TOKENIZER_FILES, else any *.model."""
-  directory = pathlib.Path(directory)
+  `<workdir>/checkpoints/<step>`, in its workdir): one of TOKENIZER_FILES, else any *.model.
+  The directory may be a URL (gs://...)."""
+  directory = files.path(directory)
   places = [directory]
   if (directory / "state").is_dir():
     places.append(directory.parent.parent)
@@ -316,8 +319,9 @@ def find_file(directory: str | pathlib.Path) -> pathlib.Path | None:
 
 def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
   """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt); for a
-  directory, the tokenizer file inside it (see find_file)."""
-  path = pathlib.Path(path)
+  directory, the tokenizer file inside it (see find_file). A URL (gs://...) is read through a
+  local copy."""
+  path = files.path(path)
   if path.is_dir():
     found = find_file(path)
     if found is None:
@@ -325,6 +329,7 @@ def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
     return load(found, lowercase)
   if not path.is_file():
     raise TokenizerError(f"{path}: no such tokenizer file")
+  path = pathlib.Path(files.local(path))
   if path.suffix == ".txt":
     return WordPieceTokenizer(path, lowercase)
   return SentencePieceTokenizer(path)

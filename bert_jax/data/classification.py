@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bert_jax import files
 from bert_jax.data.errors import DataError
 
 Column = str | int
@@ -168,10 +169,11 @@ def read_examples(path: str | pathlib.Path, text_a: Column = 0, text_b: Column |
   the training file); a label outside it raises DataError. Without it, the labels are inferred:
   the distinct labels, sorted (as integers when all are). `header=None` (or -1) detects a header
   row by its column names (see HEADER_NAMES). Regression reads float labels; the list is [].
+  A URL (gs://...) is read through a local copy (messages name the URL).
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
+  if not files.path(path).is_file():
     raise DataError(f"{path}: no such file")
+  path = pathlib.Path(files.local(path))
   fmt = _format(path, fmt)
   columns = {"a": text_a, "b": text_b, "label": label, "id": id_column}
   rows = _jsonl(path, columns) if fmt == "jsonl" else _tabular(path, fmt, columns, header)

