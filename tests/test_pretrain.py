@@ -120,7 +120,9 @@ def test_resume_after_sigkill_is_exact(prepared, tmp_path):
   p = _spawn(config, killed)
   deadline = time.time() + 300
   while time.time() < deadline and p.poll() is None:
-    if (killed / "metrics.jsonl").exists() and max(_losses(killed) or [0]) >= 7:
+    # Past step 7, with step 5's asynchronous save complete (renamed from its temporary name).
+    if ((killed / "metrics.jsonl").exists() and max(_losses(killed) or [0]) >= 7
+        and (killed / "checkpoints" / "5").is_dir()):
       break
     time.sleep(0.01)
   assert p.poll() is None, "the run ended before it could be killed: " + p.communicate()[0]
