@@ -1,6 +1,7 @@
 """BERT in JAX/Flax: pretraining, fine-tuning, Hugging Face weights in and out.
 
     config, params = bert_jax.load_hf("path/to/bert-base-uncased")
+    config, params = bert_jax.load_model("runs/base")   # ours: a workdir, a step or an export
     out = bert_jax.encode(config, params, input_ids, token_type_ids, attention_mask)
 
 Importing the package is light: jax, flax and the converter load on first use, never torch.
@@ -14,13 +15,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
   from bert_jax.config import BertConfig
 
-__all__ = ["encode", "load_hf"]
+__all__ = ["encode", "load_hf", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
   if name == "load_hf":
     from bert_jax.convert import load_hf
     return load_hf
+  if name == "load_model":  # (config, params) of our export, checkpoint step or workdir
+    from bert_jax.checkpoint import load_model
+    return load_model
   raise AttributeError(f"module 'bert_jax' has no attribute {name!r}")
 
 
