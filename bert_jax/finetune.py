@@ -141,6 +141,9 @@ def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertCon
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   from bert_jax import tasks
+  trainer.check_counts(config.train, {
+      "epochs": 1, "max_steps": 0, "batch_size": 1, "eval_batch_size": 1, "grad_accum": 1,
+      "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1})
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
   bert, encoder_params, tok_path = load_start(config)

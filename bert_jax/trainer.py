@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bert_jax import sharding
-from bert_jax.errors import NonFiniteLossError
+from bert_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,16 @@ def jit_on_batches(mesh: Mesh, fn: Callable[[Any, Batch], Any], param_shardings:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def check_counts(section: Any, minimums: dict[str, int], prefix: str = "train") -> None:
+  """Refuses step counts and cadences below their minimum (e.g. `log_every=0`, `steps=-5`,
+  `keep_checkpoints=0`, which would delete every checkpoint), naming the field, before anything
+  is read, written or compiled."""
+  for name, minimum in minimums.items():
+    value = section[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ConfigError(f"{prefix}.{name}={value!r}: expected a whole number >= {minimum}")
 
 
 class StopFlag:

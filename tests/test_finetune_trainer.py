@@ -214,3 +214,15 @@ def test_squad_eval_questions_without_answers_are_refused_before_training(model_
   with pytest.raises(DataError, match=r"eval.json: 1 questions without answers \(e.g. 'q1'\)"):
     finetune.main(c, tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("field,value", [("keep_checkpoints", 0), ("log_every", 0),
+                                         ("epochs", 0), ("max_steps", -1)])
+def test_impossible_counts_are_refused_before_anything_is_written(model_dir, tmp_path, field,  # noqa: F811
+                                                                  value):
+  from bert_jax import finetune
+  from bert_jax.errors import ConfigError
+  config = _classify_config(model_dir, tmp_path, **{f"train.{field}": value})
+  with pytest.raises(ConfigError, match=rf"train.{field}={value}: expected a whole number"):
+    finetune.main(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -165,6 +165,10 @@ def test_non_finite_loss_stops_with_the_step(prepared, tmp_path):
     ({"data.max_seq_length": 64, "model.max_position_embeddings": 32}, "exceeds the position"),
     ({"model.vocab_size": 1234}, "but the tokenizer has 1000"),
     ({"data.data_dir": "/nonexistent/data"}, "has no manifest.json"),
+    ({"train.steps": -5}, r"train.steps=-5: expected a whole number >= 1"),
+    ({"train.log_every": 0}, r"train.log_every=0: expected a whole number >= 1"),
+    ({"train.checkpoint_every": 0}, r"train.checkpoint_every=0: expected"),
+    ({"train.keep_checkpoints": 0}, r"train.keep_checkpoints=0: expected a whole number >= 1"),
 ])
 def test_bad_configuration_is_refused(prepared, tmp_path, overrides, message):
   from bert_jax import pretrain
