@@ -153,12 +153,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   task = tasks.make(config, tok)
   t = config.train
   mesh = sharding.make_mesh(t.num_devices or None, t.fsdp)
-  for name, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size)):
-    sharding.check_batch_size(f"train.{name}", size, mesh)
-  if t.grad_accum < 1 or t.batch_size % t.grad_accum or (
-      t.batch_size // t.grad_accum) % mesh.devices.size:
-    raise FinetuneError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} "
-                        f"must be a whole number divisible by the {mesh.devices.size} devices")
+  sharding.check_batch_size("train.batch_size", t.batch_size, mesh, t.grad_accum)
+  sharding.check_batch_size("train.eval_batch_size", t.eval_batch_size, mesh)
   if config.data.max_seq_length > bert.max_position_embeddings:
     raise FinetuneError(f"data.max_seq_length={config.data.max_seq_length} exceeds the "
                         f"position table ({bert.max_position_embeddings})")

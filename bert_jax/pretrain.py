@@ -131,11 +131,7 @@ def check_config(config: ml_collections.ConfigDict, bert: BertConfig, mesh, mani
                  ) -> None:
   """Refuses a configuration that cannot run, before any compilation."""
   t = config.train
-  n = mesh.devices.size
-  sharding.check_batch_size("train.batch_size", t.batch_size, mesh)
-  if t.grad_accum < 1 or t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % n:
-    raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} must "
-                      f"be a whole number divisible by the {n} devices")
+  sharding.check_batch_size("train.batch_size", t.batch_size, mesh, t.grad_accum)
   seq = int(manifest["max_seq_length"])
   if seq > bert.max_position_embeddings:
     raise ConfigError(f"max_seq_length {seq} exceeds the position table "

@@ -150,11 +150,16 @@ def planned_bytes_per_device(abstract: Any, shardings: Any) -> int:
   return total
 
 
-def check_batch_size(name: str, global_batch_size: int, mesh: Mesh) -> None:
-  """Refuses a global batch that the devices of the mesh cannot split evenly."""
+def check_batch_size(name: str, global_batch_size: int, mesh: Mesh, grad_accum: int = 1
+                     ) -> None:
+  """Refuses a global batch that the devices of the mesh cannot split evenly, or whose
+  `grad_accum` micro-batches they cannot."""
   n = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % n:
     raise ConfigError(f"{name}={global_batch_size} is not divisible by the {n} devices")
+  if grad_accum < 1 or global_batch_size % grad_accum or (global_batch_size // grad_accum) % n:
+    raise ConfigError(f"{name}={global_batch_size} / train.grad_accum={grad_accum} must be a "
+                      f"whole number divisible by the {n} devices")
 
 
 def local_rows(global_batch_size: int) -> slice:
