@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from bert_jax import checkpoint, files, optim, sharding, tokenizer, trainer
+from bert_jax import checkpoint, faults, files, optim, sharding, tokenizer, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError
 from bert_jax.metrics import MetricWriter
@@ -233,6 +233,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
   finally:
     mngr.close()  # waits for an asynchronous save still being written
     writer.close()
+  faults.point("finetune.after_fit")  # trained and saved; predictions not yet written
   if getattr(run.task, "predict_examples", None):
     _predict_file(run, state)
   return best["value"] or last
@@ -283,5 +284,6 @@ def _end_of_epoch(run: Run, state, step: int, best: dict | None
     _write_json(run.workdir / "eval_results.json", best)
     for name, obj in files.items():
       _write_json(run.workdir / name, obj)
+    faults.point("finetune.before_best_export")  # eval_results.json written, best/ not yet
     checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
   return best, results

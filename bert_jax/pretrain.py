@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from bert_jax import checkpoint, files, losses, optim, sharding, trainer
+from bert_jax import checkpoint, faults, files, losses, optim, sharding, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 - raised from here
 from bert_jax.heads import BertForPreTraining
@@ -69,6 +69,7 @@ def _train_tokenizer(config: ml_collections.ConfigDict, dst: epath.Path) -> None
       tokenizer.train_sentencepiece(_input_files(config), config.data.tokenizer_vocab_size,
                                     str(out.with_suffix("")), model_type=config.data.tokenizer_type,
                                     lowercase=config.data.tokenizer_lowercase)
+      faults.point("pretrain.tokenizer_trained")  # written, not yet moved into the workdir
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
@@ -99,6 +100,7 @@ def _create_data(config: ml_collections.ConfigDict, data_dir: epath.Path,
         masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
         dupe_factor=d.dupe_factor, seed=d.seed, whole_word_mask=d.whole_word_mask,
         dynamic_masking=d.dynamic_masking, eval_fraction=d.eval_fraction)
+    faults.point("pretrain.data_created")  # written, not yet moved into the workdir
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -273,6 +275,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       tokens_per_step=t.batch_size * int(s.manifest["max_seq_length"]))
   try:
     _, last = trainer.fit(loop, state)
+    faults.point("pretrain.after_fit")  # the final checkpoint may still be being written
   finally:
     mngr.close()  # waits for an asynchronous save still being written
     writer.close()

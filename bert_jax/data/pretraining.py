@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bert_jax import faults
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.files import replacing_dir
@@ -431,6 +432,7 @@ class _ShardWriter:
     self.buffered -= n
     self.buffer = [rest] if self.buffered else []
     self.shards.append({"name": name, "num_instances": n})
+    faults.point("data.shard_written")
 
 
 def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
