@@ -15,26 +15,89 @@ exports are written by process 0 alone after the parameters are gathered to ever
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
+import re
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bert_jax import files
+from bert_jax import faults, files
 from bert_jax.config import BertConfig
 from bert_jax.errors import BertJaxError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+Array = jax.Array
+CHECKSUMS = "checksums.json"  # beside params/ in a model export
 
 
 class CheckpointError(BertJaxError, ValueError):
   """A checkpoint or model directory that cannot be read."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint write failed (disk full, quota, I/O error); the earlier steps are intact."""
+
+  exit_now = True
+
+
+def _write_error(directory: Any, e: Exception) -> CheckpointError:
+  return CheckpointWriteError(
+      f"{directory}: writing a checkpoint failed ({' '.join(str(e).split())[:300]}); the steps "
+      "written before are intact: free the space (or fix the file system) and run the same "
+      "command again to resume from the newest")
+
+
+def _is_write_failure(e: Exception) -> bool:
+  """An OSError, or TensorStore's report of one (a ValueError reading 'RESOURCE_EXHAUSTED: ...',
+  'PERMISSION_DENIED: ...')."""
+  return isinstance(e, OSError) or (isinstance(e, ValueError) and bool(
+      re.match(r"(RESOURCE_EXHAUSTED|PERMISSION_DENIED|DATA_LOSS|UNAVAILABLE|INTERNAL|"
+               r"UNKNOWN|ABORTED|FAILED_PRECONDITION): ", str(e))))
+
+
+@contextlib.contextmanager
+def _write_errors(directory: Any) -> Iterator[None]:
+  """A failed write inside the block as one CheckpointWriteError naming `directory`."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    if not _is_write_failure(e):
+      raise
+    raise _write_error(directory, e) from None
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager with a failed write (disk full, quota, I/O error), which an asynchronous
+  save reports at the next save, wait or close, as one CheckpointWriteError."""
+
+  def save(self, *args, **kwargs) -> bool:
+    with _write_errors(self.directory):
+      faults.point("checkpoint.write")  # ':enospc' fails this write as a full disk would
+      return super().save(*args, **kwargs)
+
+  def wait_until_finished(self) -> None:
+    with _write_errors(self.directory):
+      super().wait_until_finished()
+
+  def close(self) -> None:
+    try:
+      super().close()
+    except CheckpointWriteError:
+      with contextlib.suppress(Exception):  # the write failed already: release the threads
+        super().close()
+      raise
 
 
 def manager(directory: files.PathLike, max_to_keep: int | None = 3, async_save: bool = True
@@ -44,17 +107,69 @@ def manager(directory: files.PathLike, max_to_keep: int | None = 3, async_save: 
   async_save: `save` returns once the state is copied to host memory and the write goes on in
   the background (the next save, `wait` and `close` wait for it). Orbax writes each step into a
   temporary directory and renames it when complete, so a crash mid-write leaves the previous
-  steps readable."""
+  steps readable; a failed write (disk full) is a CheckpointError at the next save or close."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(files.path(directory), options=options,
-                               item_names=("state", "meta"))
+  return _Manager(files.path(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
-  """Starts writing step `step` (waits for the previous write first; see `manager`)."""
+  """Starts writing step `step` (waits for the previous write first; see `manager`). The meta
+  item records a checksum of every array (`checksums`), verified on every read."""
+  meta = {**meta, "checksums": checksums(state)}
+  faults.point("checkpoint.before_save")
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
+  faults.point("checkpoint.save_started")  # the asynchronous write of `step` under way
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+@jax.jit
+def _sums(leaves: list[Array]) -> list[Array]:
+  """Per array: (sum of its 32-bit words, sum of word x (index + 1)), both mod 2**32. Exact
+  whatever the order of the additions (integers), so the same on any device count or layout;
+  one flipped bit always changes the first sum."""
+  out = []
+  for x in leaves:
+    words = x.reshape(-1)
+    if words.dtype.itemsize == 4:
+      words = jax.lax.bitcast_convert_type(words, jnp.uint32)
+    else:  # 1 or 2 bytes (bfloat16, int8): widened
+      words = jax.lax.bitcast_convert_type(words, jnp.dtype(f"uint{8 * words.dtype.itemsize}"))
+      words = words.astype(jnp.uint32)
+    index = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+    out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                          jnp.sum(words * index, dtype=jnp.uint32)]))
+  return out
+
+
+def checksums(tree: Any) -> dict[str, str]:
+  """{'params/bert/...': 'xxxxxxxx-xxxxxxxx'} for the arrays of `tree` (device or host arrays,
+  sharded over any mesh); a collective in a multi-process run (every process calls it)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  named = [("/".join(_key(k) for k in p), x) for p, x in leaves
+           if hasattr(x, "dtype") and np.dtype(x.dtype).itemsize in (1, 2, 4)
+           and np.dtype(x.dtype).kind in "fiub"]
+  with jax.transfer_guard_device_to_host("allow"):
+    sums = jax.device_get(_sums([x for _, x in named]))
+  return {name: f"{int(a):08x}-{int(b):08x}" for (name, _), (a, b) in zip(named, sums,
+                                                                          strict=True)}
+
+
+def verify(directory: Any, tree: Any, expected: dict[str, str] | None, prefix: str = "") -> None:
+  """Raises CheckpointError naming `directory` and the first arrays whose checksum differs from
+  the one recorded at save time (a bit flipped on disk). `prefix` is the recorded path of
+  `tree` ("params/" for the params of a train state); no record: nothing to verify."""
+  if not expected:
+    return
+  got = checksums(tree)
+  bad = sorted(k for k, v in got.items() if prefix + k in expected and expected[prefix + k] != v)
+  if bad:
+    raise CheckpointError(f"{directory}: the stored values of {', '.join(bad[:3])}"
+                          f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} do not match "
+                          "their checksum (the files changed after they were written)")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -74,9 +189,10 @@ def check_fits(directory: epath.Path, stored: Any, wanted: Any) -> None:
   """Raises CheckpointError naming `directory` when the stored tree (checkpoint metadata) does
   not have the arrays and shapes this run expects."""
   have, want = _shapes(stored), _shapes(wanted)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  shapes = [f"{k} {have[k]} (expected {want[k]})" for k in sorted(set(have) & set(want))
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params"), k))
+  missing = order(set(want) - set(have))
+  unexpected = order(set(have) - set(want))
+  shapes = [f"{k} {have[k]} (expected {want[k]})" for k in order(set(have) & set(want))
             if have[k] != want[k]]
   if missing or unexpected or shapes:
     show = lambda xs: ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
@@ -113,24 +229,46 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-  """(state, meta) of `step`, or None when its files cannot be read. A step that reads but
-  does not fit `abstract_state` raises CheckpointError (no fallback: every step would fail)."""
+@contextlib.contextmanager
+def _quiet_unraisable() -> Iterator[None]:
+  """A failed restore leaves Orbax's other read coroutines to be collected with their errors,
+  which Python prints as 'Exception ignored in' tracebacks: collected here, logged at debug."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda u: log.debug("ignored after a failed read: %s", u.exc_value)
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = hook
+
+
+def _why(e: BaseException) -> str:
+  """The innermost cause of a failed read, as one short line (TensorStore's own message names
+  the array and the file; Orbax's wrapper around it only repeats the array's spec)."""
+  while (e.__cause__ or e.__context__) is not None and "TensorStore" in str(e):
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:240]}"
+
+
+def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
+                 ) -> tuple[Any, Any] | str:
+  """(state, meta) of `step`, or why its files cannot be read (a string: files missing or cut
+  short, values that do not match their checksums). A step that reads but does not fit
+  `abstract_state` raises CheckpointError (no fallback: every step would fail)."""
   step_dir = epath.Path(mngr.directory) / str(step)
   try:
     stored = _metadata(step_dir / "state")
   except Exception as e:  # noqa: BLE001 - an unreadable step: use an older one
-    log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the one before",
-                step, mngr.directory, type(e).__name__, str(e).splitlines()[0][:200])
-    return None
+    return _why(e)
   check_fits(step_dir / "state", stored, abstract_state)
   try:
-    got = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    with _quiet_unraisable():
+      got = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    verify(step_dir, got["state"], (got["meta"] or {}).get("checksums"))
   except Exception as e:  # noqa: BLE001 - for example truncated by a crash mid-write
-    log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the one before",
-                step, mngr.directory, type(e).__name__, str(e).splitlines()[0][:200])
-    return None
+    return _why(e)
   return got["state"], got["meta"]
 
 
@@ -146,24 +284,35 @@ def _set_aside(directory: epath.Path, steps: list[int]) -> None:
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[int, Any, dict[str, Any]] | None:
-  """Restores the newest readable step as (step, state, meta); None when there is none.
+  """Restores the newest readable step as (step, state, meta); None when there is no step.
 
   `abstract_state` (ShapeDtypeStructs with shardings) is the target: the state lands on the
   current mesh whatever the device count, fsdp width or host count that wrote it. A step that
-  fails to read on any process (for example truncated by a crash mid-write) is skipped with a
-  warning and the one before it is used, by every process alike; the skipped steps are then
-  renamed `<step>.unreadable` by process 0, behind a barrier.
+  fails to read on any process (truncated by a crash mid-write, a file missing, values that do
+  not match their checksums) is skipped with a warning naming it and the one before it is used,
+  by every process alike; the skipped steps are then renamed `<step>.unreadable` by process 0,
+  behind a barrier. Steps that exist but none of which can be read, or a step written for
+  another model or optimizer, are a CheckpointError: never a fresh start that would overwrite
+  them.
   """
-  unreadable, found = [], None
+  unreadable, found = {}, None
   for step in _agreed_steps(mngr):
     got = _try_restore(mngr, step, abstract_state)
-    if _everywhere(got is not None):
+    if isinstance(got, str):
+      log.warning("checkpoint step %d in %s is unreadable (%s); trying the one before",
+                  step, mngr.directory, got)
+    if _everywhere(not isinstance(got, str)):
       found = step, *got
       break
-    unreadable.append(step)
-  if unreadable and found is not None:
+    unreadable[step] = got if isinstance(got, str) else "unreadable on another process"
+  if unreadable and found is None:
+    raise CheckpointError(
+        f"{mngr.directory}: holds checkpoints but none can be read ("
+        + "; ".join(f"step {k}: {v}" for k, v in unreadable.items())
+        + "); nothing was changed: move them out of the way to start afresh")
+  if unreadable:
     # Kept for inspection under another name, out of the way of the steps to come.
-    files.on_process_0(_set_aside, epath.Path(mngr.directory), unreadable)
+    files.on_process_0(_set_aside, epath.Path(mngr.directory), list(unreadable))
     mngr.reload()
   return found
 
@@ -201,12 +350,23 @@ def _read_step(step_dir: epath.Path) -> tuple[BertConfig, dict]:
   meta_file = step_dir / "meta" / "metadata"
   if not meta_file.exists():
     raise CheckpointError(f"{step_dir}: no meta item (expected {meta_file})")
-  import json
-  meta = json.loads(meta_file.read_text())
-  if "model_config" not in meta:
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f"{meta_file}: not readable JSON ({e})") from None
+  if not isinstance(meta, dict) or "model_config" not in meta:
     raise CheckpointError(f"{meta_file}: no model_config (expected the JSON that bert_jax "
                           "training writes)")
-  return BertConfig.from_dict(meta["model_config"]), read_params(step_dir / "state", "params")
+  params = read_params(step_dir / "state", "params")
+  verify(step_dir, params, meta.get("checksums"), prefix="params/")
+  return _model_config(meta["model_config"], meta_file), params
+
+
+def _model_config(d: Any, source: Any) -> BertConfig:
+  try:
+    return BertConfig.from_dict(d) if isinstance(d, dict) else BertConfig.from_json(d)
+  except (TypeError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{source}: not a bert_jax model config ({e})") from None
 
 
 def _step_dirs(checkpoints: epath.Path) -> list[epath.Path]:
@@ -221,8 +381,11 @@ def load_model(path: files.PathLike) -> tuple[BertConfig, dict]:
   read."""
   path = files.path(path)
   if (path / "config.json").exists() and (path / "params").is_dir():
-    config = BertConfig.from_json((path / "config.json").read_text())
-    return config, read_params(path / "params")
+    config = _model_config((path / "config.json").read_text(), path / "config.json")
+    params = read_params(path / "params")
+    if (path / CHECKSUMS).exists():
+      verify(path, params, json.loads((path / CHECKSUMS).read_text()))
+    return config, params
   if (path / "state").is_dir():
     return _read_step(path)
   checkpoints = path / CHECKPOINT_DIR
@@ -264,6 +427,7 @@ def _write_model(directory: epath.Path, config: BertConfig, params: Any,
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
                              multiprocessing_options=alone)
     ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
+    (tmp / CHECKSUMS).write_text(json.dumps(checksums(params), indent=0))
     if tokenizer_path is not None:
       tok = files.path(tokenizer_path)
       (tmp / tok.name).write_bytes(tok.read_bytes())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -14,6 +15,8 @@ from bert_jax.errors import BertJaxError
 # Errors raised by the libraries we call (ml_collections, numpy, the file system) on bad input:
 # printed as one line with exit code 2 as well. Our own errors derive from BertJaxError.
 _LIBRARY_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# A full disk, a quota, a read-only file system: the machine's state, not a bug.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def setup_logging() -> None:
@@ -21,6 +24,16 @@ def setup_logging() -> None:
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_no_library_tracebacks)
+
+
+def _no_library_tracebacks(record: logging.LogRecord) -> bool:
+  """Orbax logs each failure of its background threads with a traceback (a full disk: one per
+  thread); the error that reaches the CLI says it once. Their message lines are kept."""
+  if record.exc_info and record.name.split(".")[0] in ("absl", "orbax"):
+    record.exc_info, record.exc_text = None, None
+  return True
 
 
 def run(main: Callable[..., Any], *args: Any) -> Any:
@@ -30,11 +43,24 @@ def run(main: Callable[..., Any], *args: Any) -> Any:
   try:
     return main(*args)
   except BertJaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    _leave(f"error: {e}", e.exit_code, now=e.exit_now)
   except _LIBRARY_USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _leave(f"error: {e}", 2)
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    _leave(f"error: {e.filename or 'writing'}: {e.strerror}", 2, now=True)
+
+
+def _leave(message: str, code: int, now: bool = False) -> None:
+  """Prints `message` and exits with `code`; `now`: without the exit handlers, which would fail
+  on the same full disk with a traceback each (TensorBoard's, the metrics writer's)."""
+  print(message, file=sys.stderr)
+  if now:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def define_config_flag(script: str, default: str | None, help_text: str):

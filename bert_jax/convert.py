@@ -265,6 +265,13 @@ def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: st
   return match_layout(complete_params(config, traverse_util.unflatten_dict(flat), source), config)
 
 
+def _hf_dir(path: files.PathLike) -> epath.Path:
+  path = files.path(path)
+  if not (path / "config.json").is_file():
+    raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
+  return path
+
+
 def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
   """(config, params) from a Hugging Face BERT directory.
 
@@ -273,9 +280,7 @@ def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
   heads (and the pooler) the source lacks are initialised fresh, with a warning naming them.
   A URL (gs://...) is read through a local copy.
   """
-  path = files.path(path)
-  if not (path / "config.json").is_file():
-    raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
+  path = _hf_dir(path)
   path = pathlib.Path(files.local(path))
   config_file = path / "config.json"
   if not config_file.is_file():
@@ -323,8 +328,19 @@ def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | os.PathL
 # ----------------------------------------------------------------------------- command line
 
 
+def _check_output(source: str, out_dir: str) -> None:
+  """Refuses an output that is the source, holds it or lies inside it, or that exists and is not
+  an output of ours (files.check_replaceable), before anything is read."""
+  src, out = files.path(source), files.path(out_dir)
+  if src == out or src.is_relative_to(out) or out.is_relative_to(src):
+    raise ConversionError(f"{out}: the output must not be {src}, hold it or lie inside it "
+                          "(writing it would replace the source); choose another directory")
+  files.check_replaceable(out)
+
+
 def from_hf_command(hf_dir: str, out_dir: str) -> None:
   from bert_jax import checkpoint, tokenizer
+  _check_output(_hf_dir(hf_dir), out_dir)
   config, params = load_hf(hf_dir)
   tok = tokenizer.find_file(hf_dir)
   if tok is None:
@@ -337,6 +353,7 @@ def from_hf_command(hf_dir: str, out_dir: str) -> None:
 
 def to_hf_command(ckpt_dir: str, out_dir: str) -> None:
   from bert_jax import checkpoint, tokenizer
+  _check_output(ckpt_dir, out_dir)
   config, params = checkpoint.load_model(ckpt_dir)
   dropped = sorted(set(params) - {"bert", "mlm", "nsp"}) if "bert" in params else []
   if dropped:

@@ -9,6 +9,7 @@ class BertJaxError(Exception):
   """A user error: bad input, a configuration that cannot run, or a run that had to stop."""
 
   exit_code = 2
+  exit_now = False  # True: the CLI exits without exit handlers (a full disk would fail them too)
 
 
 class ConfigError(BertJaxError, ValueError):
@@ -19,3 +20,7 @@ class NonFiniteLossError(BertJaxError):
   """The loss or the gradient became NaN or Inf; nothing was saved after the last good step."""
 
   exit_code = 3
+
+
+class OutputExistsError(BertJaxError, FileExistsError):
+  """An output path that exists and is not ours: refused rather than replaced."""

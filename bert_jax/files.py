@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from etils import epath
+
+from bert_jax import faults
+from bert_jax.errors import OutputExistsError
 
 PathLike = str | os.PathLike
 T = TypeVar("T")
@@ -63,19 +67,65 @@ def write_text(target: PathLike, text: str) -> None:
   os.replace(tmp, target)
 
 
+# Written into every directory that `replacing_dir` makes: the mark of a directory that a later
+# write may replace whole. A directory without it is never replaced (see `check_replaceable`).
+OUTPUT_MARKER = ".bert_jax_output"
+_MARKER_TEXT = ("written by bert_jax; the next write of this output replaces this directory "
+                "whole\n")
+
+
+def _ours(directory: epath.Path) -> bool:
+  """Whether `directory` is an output of ours: the marker, or an older output made before the
+  marker existed (pretraining data with its manifest, a model export: config.json + params/)."""
+  if (directory / OUTPUT_MARKER).is_file():
+    return True
+  manifest = directory / "manifest.json"
+  if manifest.is_file():
+    try:
+      return str(json.loads(manifest.read_text()).get("format", "")).startswith("bert_jax.")
+    except (ValueError, AttributeError, OSError):
+      return False
+  return (directory / "config.json").is_file() and (directory / "params").is_dir()
+
+
+def check_replaceable(directory: PathLike) -> None:
+  """Raises OutputExistsError unless `directory` is absent, empty, or an output of ours: a
+  directory of anything else (the current directory, a workdir, a downloaded model) is never
+  deleted to make room for an output."""
+  directory = path(directory)
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise OutputExistsError(f"{directory}: exists and is a file; expected a directory to write "
+                            "the output into (choose another path)")
+  if _ours(directory):
+    return
+  entries = sorted(p.name for p in directory.iterdir())
+  if entries:
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise OutputExistsError(
+        f"{directory}: exists and was not written by bert_jax (it holds {shown}); refusing to "
+        "replace it: choose a new or empty directory, or remove this one yourself")
+
+
 @contextlib.contextmanager
 def replacing_dir(directory: PathLike) -> Iterator[epath.Path]:
   """Yields a temporary sibling of `directory` to write into, then swaps it in place of
   `directory`; an exception leaves an existing `directory` untouched (and no temporary behind).
-  Call it on one process only (see `on_process_0`). On an object store the swap is a copy, not
-  atomic: readers must not read `directory` while it is replaced."""
+  An existing `directory` that is not an output of ours is refused before anything is written
+  (`check_replaceable`); the new one carries the mark (OUTPUT_MARKER) that allows the next
+  replacement. Call it on one process only (see `on_process_0`). On an object store the swap is a
+  copy, not atomic: readers must not read `directory` while it is replaced."""
   directory = path(directory)
+  check_replaceable(directory)
   directory.parent.mkdir(parents=True, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
   tmp = directory.with_name(f".{directory.name}.{tag}.tmp")
   tmp.mkdir()
   try:
     yield tmp
+    (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
+    faults.point("files.before_swap")  # the new output complete, not yet in place
     if directory.exists():
       old = directory.with_name(f".{directory.name}.{tag}.old")
       directory.rename(old)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bert_jax import sharding
+from bert_jax import faults, sharding
 from bert_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,9 @@ def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
     save_now = loop.should_checkpoint(step) or final or stopping
     if bar is not None:
       bar.update(1)
+    faults.point("trainer.after_step")  # @N: the N-th update of this process applied
+    if final:
+      faults.point("trainer.final_step")  # trained to the end; not evaluated, not saved
     if not (log_now or eval_now or save_now):
       continue
     with _sync():
@@ -369,8 +372,10 @@ def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
           loop.writer.write(step, results, "eval")
           last.update({f"eval_{k}": v for k, v in results.items()})
         window.restart()
+        faults.point("trainer.after_eval")  # evaluated (outputs written), not yet saved
       if save_now:
         loop.save(step, state)
+        faults.point("trainer.after_save")
     if stopping:
       log.warning("stopped by a signal at step %d; checkpoint saved", step)
       raise SystemExit(128 + (stop.signum or signal.SIGTERM))
