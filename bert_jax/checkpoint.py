@@ -53,10 +53,19 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _write_error(directory: Any, e: Exception) -> CheckpointError:
+  """`e` as one line: the operating system's reason first (TensorStore puts it last, after the
+  array, the database and the file)."""
+  if isinstance(e, OSError):
+    reason = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+  else:
+    text = " ".join(str(e).split())
+    reason = re.sub(r"\s*\[os_error_code=.*$", "", text.rsplit(": ", 1)[-1])
+    where = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'file "([^"]+)"', text)
+    reason += f" ({where.group(1)})" if where else f" ({text[:200]})"
   return CheckpointWriteError(
-      f"{directory}: writing a checkpoint failed ({' '.join(str(e).split())[:300]}); the steps "
-      "written before are intact: free the space (or fix the file system) and run the same "
-      "command again to resume from the newest")
+      f"{directory}: writing a checkpoint failed: {reason}; the steps written before are "
+      "intact: free the space (or fix the file system) and run the same command again to "
+      "resume from the newest")
 
 
 def _is_write_failure(e: Exception) -> bool:

@@ -115,3 +115,27 @@ def losses(workdir, split: str = "train", key: str = "loss") -> dict[int, float]
     if r["split"] == split and key in r:
       out[r["step"]] = r[key]
   return out
+
+
+def params_of(path):
+  """The parameters of a model export, a step directory or a workdir's newest step (numpy)."""
+  from bert_jax import checkpoint
+  return checkpoint.load_model(path)[1]
+
+
+def assert_same_arrays(a, b) -> None:
+  """Two pytrees of arrays equal bit for bit (same paths, shapes, dtypes and values)."""
+  import jax
+  import numpy as np
+  la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb, strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert x.tobytes() == y.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+def tree_bytes(d: pathlib.Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+  """{relative path: bytes} of the files under `d`, but those named in `skip`."""
+  return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+          if p.is_file() and p.name not in skip}
