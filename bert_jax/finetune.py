@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from bert_jax import checkpoint, faults, files, optim, sharding, tokenizer, trainer
+from bert_jax import checkpoint, faults, files, optim, packing, sharding, tokenizer, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError
 from bert_jax.metrics import MetricWriter
@@ -116,6 +116,7 @@ class Run:
   steps: int
   steps_per_epoch: int
   encoder_params: Any = None  # pretrained encoder to start from (None = random)
+  packer: packing.BatchPacker | None = None  # data.packing: packs each batch's examples
   param_shardings: Any = None  # set once the state exists
 
   @functools.cached_property
@@ -169,8 +170,27 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   schedule = optim.learning_rate_schedule(t.learning_rate, int(t.warmup_fraction * steps), steps)
   tx = optim.make_optimizer("adamw", schedule, weight_decay=t.weight_decay,
                             max_grad_norm=t.max_grad_norm)
-  return Run(config, workdir, task, bert, tok_path, mesh, task.objective(bert), tx, schedule,
-             steps, steps_per_epoch, encoder_params)
+  packer = _plan_packing(task, t, mesh, steps, steps_per_epoch) if task.packing else None
+  objective = task.objective(bert, packer.max_per_row if packer else 0)
+  return Run(config, workdir, task, bert, tok_path, mesh, objective, tx, schedule, steps,
+             steps_per_epoch, encoder_params, packer)
+
+
+def _plan_packing(task, t: ml_collections.ConfigDict, mesh, steps: int, steps_per_epoch: int
+                  ) -> packing.BatchPacker:
+  """The packer of the training batches, sized for every batch of the run: `batch_size`
+  examples per update as without packing, in as few rows as the fullest batch needs."""
+  packer = packing.BatchPacker(task.train_features(), task.max_examples_per_row)
+  n = task.num_train_features()
+  batches = [epoch_order(n, t.seed, epoch)[i * t.batch_size:(i + 1) * t.batch_size]
+             for epoch in range(-(-steps // steps_per_epoch))
+             for i in range(min(steps_per_epoch, steps - epoch * steps_per_epoch))]
+  packer.plan(batches, mesh.devices.size * t.grad_accum)
+  log.info("packing: %d examples per update in %d rows of %d (up to %d per row; %.1f%% of the "
+           "tokens real, %.1f%% without packing)", t.batch_size, packer.num_rows,
+           packer.row_length, packer.max_per_row, 100 * packer.fill,
+           100 * packer.lengths.sum() / (n * packer.row_length))
+  return packer
 
 
 def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:
@@ -208,8 +228,10 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
 
   def batch(step: int) -> dict[str, np.ndarray]:
     epoch, index = divmod(step, run.steps_per_epoch)
-    rows = orders(epoch)[index * t.batch_size:(index + 1) * t.batch_size]
-    return take(features, rows[sharding.local_rows(t.batch_size)])
+    examples = orders(epoch)[index * t.batch_size:(index + 1) * t.batch_size]
+    if run.packer is not None:
+      return take(run.packer(examples), sharding.local_rows(run.packer.num_rows))
+    return take(features, examples[sharding.local_rows(t.batch_size)])
 
   def evaluate(st, step: int) -> dict[str, float]:
     best["value"], results = _end_of_epoch(run, st, step, best["value"])
@@ -227,7 +249,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       save=lambda step, st: checkpoint.save(
           mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict()}),
       writer=writer, progress_bar=t.progress_bar,
-      tokens_per_step=t.batch_size * config.data.max_seq_length)
+      tokens_per_step=(run.packer.num_rows if run.packer else t.batch_size)
+      * config.data.max_seq_length)
   try:
     state, last = trainer.fit(loop, state)
   finally:

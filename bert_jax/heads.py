@@ -57,7 +57,8 @@ class MaskedLMHead(nn.Module):
 
 
 class NextSentenceHead(nn.Module):
-  """pooled [B, D] -> logits [B, 2] float32 (0 = B follows A, 1 = B is random)."""
+  """pooled [B, D] -> logits [B, 2] float32 (0 = B follows A, 1 = B is random); packed:
+  [B, K, D] -> [B, K, 2]."""
 
   config: BertConfig
 
@@ -67,7 +68,8 @@ class NextSentenceHead(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-  """Dropout -> Dense(num_labels): pooled [B, D] -> logits [B, num_labels] float32."""
+  """Dropout -> Dense(num_labels): pooled [B, D] -> logits [B, num_labels] float32 (packed:
+  [B, K, D] -> [B, K, num_labels])."""
 
   config: BertConfig
   num_labels: int
@@ -92,7 +94,8 @@ class SpanHead(nn.Module):
 class BertForPreTraining(nn.Module):
   """Encoder + masked-LM head (sparse, at `masked_lm_positions`) + next-sentence head.
 
-  Returns {"sequence_output", "pooled_output", "mlm_logits" [B, P, V], "nsp_logits" [B, 2]}.
+  Returns {"sequence_output", "pooled_output", "mlm_logits" [B, P, V], "nsp_logits" [B, 2]}
+  (packed rows, with position_ids and cls_positions [B, K]: "nsp_logits" [B, K, 2]).
   """
 
   config: BertConfig
@@ -103,24 +106,30 @@ class BertForPreTraining(nn.Module):
     self.nsp = NextSentenceHead(self.config)
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               masked_lm_positions: Array, *, deterministic: bool = True) -> dict[str, Array]:
-    out = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+               masked_lm_positions: Array, position_ids: Array | None = None,
+               cls_positions: Array | None = None, *,
+               deterministic: bool = True) -> dict[str, Array]:
+    out = self.bert(input_ids, token_type_ids, attention_mask, position_ids, cls_positions,
+                    deterministic=deterministic)
     masked = gather_positions(out["sequence_output"], masked_lm_positions)
     return {**out, "mlm_logits": self.mlm(masked, self.bert.attend),
             "nsp_logits": self.nsp(out["pooled_output"])}
 
 
 class BertForSequenceClassification(nn.Module):
-  """Encoder + classifier on the pooled [CLS] output. Returns {"logits": [B, num_labels]}."""
+  """Encoder + classifier on the pooled [CLS] output. Returns {"logits": [B, num_labels]}
+  ([B, K, num_labels] for packed rows, given position_ids and cls_positions [B, K])."""
 
   config: BertConfig
   num_labels: int
 
   @nn.compact
-  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array, *,
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+               position_ids: Array | None = None, cls_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
     out = BertModel(self.config, name="bert")(
-        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+        input_ids, token_type_ids, attention_mask, position_ids, cls_positions,
+        deterministic=deterministic)
     head = ClassifierHead(self.config, self.num_labels, name="classifier")
     return {"logits": head(out["pooled_output"], deterministic)}
 

@@ -60,11 +60,12 @@ def pretraining_sums(outputs: dict[str, Array], batch: dict[str, Array]) -> dict
   """Loss and accuracy sums of masked-LM and next-sentence prediction for one (micro-)batch.
 
   outputs: mlm_logits [B, P, V], nsp_logits [B, 2]; batch: masked_lm_ids [B, P],
-  masked_lm_weights [B, P], next_sentence_labels [B]. Returns sums; `*_count` are weights.
+  masked_lm_weights [B, P], next_sentence_labels [B] (packed rows: nsp_logits [B, K, 2],
+  next_sentence_labels and example_mask [B, K]). Returns sums; `*_count` are weights.
   """
   mlm_w = batch["masked_lm_weights"]
   nsp_labels = batch["next_sentence_labels"]
-  nsp_w = jnp.ones(nsp_labels.shape, jnp.float32)
+  nsp_w = batch.get("example_mask", jnp.ones(nsp_labels.shape, jnp.float32))
   mlm_loss, mlm_count = cross_entropy_sum(outputs["mlm_logits"], batch["masked_lm_ids"], mlm_w)
   nsp_loss, nsp_count = cross_entropy_sum(outputs["nsp_logits"], nsp_labels, nsp_w)
   mlm_correct, _ = accuracy_sum(outputs["mlm_logits"], batch["masked_lm_ids"], mlm_w)

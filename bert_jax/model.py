@@ -75,8 +75,10 @@ class Embeddings(nn.Module):
     self.layer_norm = layer_norm(cfg, "layer_norm")
     self.dropout = Dropout(cfg.hidden_dropout)
 
-  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool,
+               position_ids: Array | None = None) -> Array:
+    positions = (jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None
+                 else position_ids)
     x = (self.word_embeddings(input_ids).astype(jnp.float32)
          + self.position_embeddings(positions).astype(jnp.float32)
          + self.token_type_embeddings(token_type_ids).astype(jnp.float32))
@@ -107,10 +109,11 @@ class Einsum(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention with padding masked out.
 
-  Attributes of the call: x [B, T, D]; mask [B, T] (1 = real token, 0 = padding).
-  Returns [B, T, D] in the compute dtype. With `config.attention == "dot_product"` the mask must
-  be real tokens first, then padding (as every batch of bert_jax.data is): the fused kernel takes
-  the per-row count of real tokens as the key length.
+  Attributes of the call: x [B, T, D]; mask [B, T] (1 = real token, 0 = padding) or, for packed
+  rows, [B, T, S] (True where query t may see key s). Returns [B, T, D] in the compute dtype.
+  With `config.attention == "dot_product"` a [B, T] mask must be real tokens first, then padding
+  (as every batch of bert_jax.data is): the fused kernel takes the per-row count of real tokens
+  as the key length.
   """
 
   config: BertConfig
@@ -122,14 +125,18 @@ class SelfAttention(nn.Module):
     x = x.astype(cfg.compute_dtype)
     q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
                for n in ("query", "key", "value"))
+    pairs = mask.ndim == 3
     if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
-      ctx = jax.nn.dot_product_attention(
-          q, k, v, scale=H**-0.5, key_value_seq_lengths=mask.sum(-1, dtype=jnp.int32),
-          implementation=cfg.attention_implementation)
+      # A [B, T] mask goes in as key lengths (what cuDNN's kernel takes), pairs as a mask.
+      visible = ({"mask": mask[:, None]} if pairs else
+                 {"key_value_seq_lengths": mask.sum(-1, dtype=jnp.int32)})
+      ctx = jax.nn.dot_product_attention(q, k, v, scale=H**-0.5, **visible,
+                                         implementation=cfg.attention_implementation)
     else:
       scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
       big_neg = jnp.finfo(jnp.float32).min
-      scores = jnp.where(mask[:, None, None, :].astype(bool), scores, big_neg)
+      visible = mask[:, None] if pairs else mask[:, None, None, :].astype(bool)
+      scores = jnp.where(visible, scores, big_neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
       ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
@@ -199,13 +206,23 @@ class Encoder(nn.Module):
 
 
 class Pooler(nn.Module):
-  """tanh(Dense(x[:, 0])): the [CLS] summary, [B, T, D] -> [B, D]."""
+  """tanh(Dense(x[:, 0])): the [CLS] summary, [B, T, D] -> [B, D]; with cls_positions [B, K]
+  (packed rows) the summary of every example, [B, K, D]."""
 
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return jnp.tanh(dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+  def __call__(self, x: Array, cls_positions: Array | None = None) -> Array:
+    cls = x[:, 0] if cls_positions is None else jnp.take_along_axis(
+        x, cls_positions[..., None].astype(jnp.int32), axis=1)
+    return jnp.tanh(dense(self.config, self.config.hidden_size, "dense")(cls))
+
+
+def packed_attention_mask(example_ids: Array) -> Array:
+  """example_ids [B, T] (0 = padding, k = the row's k-th example) -> [B, T, S] bool: a query
+  sees the keys of its own example only (block-diagonal; padding sees nothing)."""
+  same = example_ids[:, :, None] == example_ids[:, None, :]
+  return same & (example_ids[:, None, :] > 0)
 
 
 class BertModel(nn.Module):
@@ -214,6 +231,10 @@ class BertModel(nn.Module):
   Call with input_ids [B, T] int, token_type_ids [B, T] (default zeros), attention_mask [B, T]
   (1 = real, default all ones). Returns {"sequence_output": [B, T, D], "pooled_output": [B, D]},
   float32.
+
+  Packed rows (bert_jax.packing) also pass position_ids [B, T] (restarting at each example) and
+  cls_positions [B, K] (each example's [CLS]); attention_mask then numbers the examples of a row
+  (0 = padding, 1..K), attention is block-diagonal, and pooled_output is [B, K, D].
   """
 
   config: BertConfig
@@ -224,15 +245,19 @@ class BertModel(nn.Module):
     self.pooler = Pooler(self.config)
 
   def __call__(self, input_ids: Array, token_type_ids: Array | None = None,
-               attention_mask: Array | None = None, *,
+               attention_mask: Array | None = None, position_ids: Array | None = None,
+               cls_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    if cls_positions is not None:
+      attention_mask = packed_attention_mask(attention_mask)
+    x = self.embeddings(input_ids, token_type_ids, deterministic, position_ids)
     x = self.encoder(x, attention_mask, deterministic).astype(jnp.float32)
-    return {"sequence_output": x, "pooled_output": self.pooler(x).astype(jnp.float32)}
+    pooled = self.pooler(x, cls_positions).astype(jnp.float32)
+    return {"sequence_output": x, "pooled_output": pooled}
 
   def attend(self, x: Array) -> Array:
     return self.embeddings.attend(x)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from bert_jax import checkpoint, faults, files, losses, optim, sharding, trainer
+from bert_jax import checkpoint, faults, files, losses, optim, packing, sharding, trainer
 from bert_jax.config import BertConfig, get_variant
 from bert_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 - raised from here
 from bert_jax.heads import BertForPreTraining
@@ -22,23 +22,27 @@ from bert_jax.metrics import MetricWriter
 log = logging.getLogger(__name__)
 
 
-def pretraining_objective(bert: BertConfig, seq_len: int, num_predictions: int
-                          ) -> trainer.Objective:
+def pretraining_objective(bert: BertConfig, seq_len: int, num_predictions: int,
+                          examples_per_row: int = 0) -> trainer.Objective:
   """Masked-LM loss (mean over the real masked positions of the global batch) + next-sentence
-  loss (mean over its sequences). Batches: input_ids, input_mask, segment_ids [B, T] int32;
+  loss (mean over its instances). Batches: input_ids, input_mask, segment_ids [B, T] int32;
   masked_lm_positions, masked_lm_ids [B, P] int32; masked_lm_weights [B, P] float32;
-  next_sentence_labels [B] int32."""
-  counts = lambda b: {  # noqa: E731
-      "mlm_count": jnp.sum(b["masked_lm_weights"].astype(jnp.float32)),
-      "nsp_count": jnp.float32(b["next_sentence_labels"].shape[0])}
+  next_sentence_labels [B] int32. `examples_per_row` > 0: packed rows (bert_jax.packing) with
+  position_ids [B, T], cls_positions, example_mask and next_sentence_labels [B, K]."""
+  def counts(b):
+    nsp = b.get("example_mask", jnp.ones(b["next_sentence_labels"].shape, jnp.float32))
+    return {"mlm_count": jnp.sum(b["masked_lm_weights"].astype(jnp.float32)),
+            "nsp_count": jnp.sum(nsp.astype(jnp.float32))}
+  inputs = ("input_ids", "segment_ids", "input_mask", "masked_lm_positions")
+  shapes = {"input_ids": (seq_len,), "segment_ids": (seq_len,), "input_mask": (seq_len,),
+            "masked_lm_positions": (num_predictions,)}
+  if examples_per_row:
+    inputs += packing.PACKED_INPUTS
+    shapes |= {"position_ids": (seq_len,), "cls_positions": (examples_per_row,)}
   return trainer.Objective(
-      model=BertForPreTraining(bert),
-      inputs=("input_ids", "segment_ids", "input_mask", "masked_lm_positions"),
-      sums=losses.pretraining_sums, counts=counts,
-      terms=(("mlm_loss", "mlm_count"), ("nsp_loss", "nsp_count")),
-      metrics=losses.pretraining_metrics,
-      example_shapes={"input_ids": (seq_len,), "segment_ids": (seq_len,),
-                      "input_mask": (seq_len,), "masked_lm_positions": (num_predictions,)})
+      model=BertForPreTraining(bert), inputs=inputs, sums=losses.pretraining_sums,
+      counts=counts, terms=(("mlm_loss", "mlm_count"), ("nsp_loss", "nsp_count")),
+      metrics=losses.pretraining_metrics, example_shapes=shapes)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -99,7 +103,8 @@ def _create_data(config: ml_collections.ConfigDict, data_dir: epath.Path,
         max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
         masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
         dupe_factor=d.dupe_factor, seed=d.seed, whole_word_mask=d.whole_word_mask,
-        dynamic_masking=d.dynamic_masking, eval_fraction=d.eval_fraction)
+        dynamic_masking=d.dynamic_masking, eval_fraction=d.eval_fraction, pack=d.packing,
+        max_examples_per_row=d.max_examples_per_row)
     faults.point("pretrain.data_created")  # written, not yet moved into the workdir
 
 
@@ -141,6 +146,10 @@ def check_config(config: ml_collections.ConfigDict, bert: BertConfig, mesh, mani
   if seq != config.data.max_seq_length:
     raise ConfigError(f"the data in {config.data.data_dir or 'the workdir'} has max_seq_length "
                       f"{seq} but data.max_seq_length={config.data.max_seq_length}")
+  if bool(manifest.get("packed")) != bool(config.data.packing):
+    raise ConfigError(f"the data in {config.data.data_dir or 'the workdir'} is "
+                      f"{'' if manifest.get('packed') else 'not '}packed but data.packing="
+                      f"{config.data.packing}")
 
 
 @dataclasses.dataclass
@@ -181,8 +190,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
                                           t.end_lr_fraction)
   tx = optim.make_optimizer(t.optimizer, schedule, weight_decay=t.weight_decay, b1=t.b1,
                             b2=t.b2, eps=t.eps, max_grad_norm=t.max_grad_norm)
-  objective = pretraining_objective(bert, int(manifest["max_seq_length"]),
-                                    int(manifest["max_predictions_per_seq"]))
+  objective = pretraining_objective(
+      bert, int(manifest["max_seq_length"]), int(manifest["max_predictions_per_seq"]),
+      int(manifest["max_examples_per_row"]) if manifest.get("packed") else 0)
   return Setup(bert, mesh, objective, tx, schedule, data_dir, manifest, tok_path)
 
 

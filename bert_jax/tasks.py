@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bert_jax import losses, squad_eval, trainer
+from bert_jax import losses, packing, squad_eval, trainer
 from bert_jax.data import classification, squad
+from bert_jax.errors import ConfigError
 from bert_jax.heads import BertForQuestionAnswering, BertForSequenceClassification
 
 log = logging.getLogger(__name__)
@@ -30,31 +31,46 @@ MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids")
 MODEL_ARGS = ("input_ids", "segment_ids", "input_mask")  # the order the task models take them
 
 
-def _objective(model, seq_len: int, sums, metrics) -> trainer.Objective:
-  """A fine-tuning objective: one loss sum ("loss") over the rows, divided by the row count."""
+def example_weights(batch) -> jnp.ndarray:
+  """1 per example: [B] ones for padded rows, example_mask [B, K] for packed ones."""
+  if "example_mask" in batch:
+    return batch["example_mask"].astype(jnp.float32)
+  return jnp.ones(batch["input_ids"].shape[:1], jnp.float32)
+
+
+def _objective(model, seq_len: int, sums, metrics, examples_per_row: int = 0
+               ) -> trainer.Objective:
+  """A fine-tuning objective: one loss sum ("loss") over the examples, divided by their count.
+  `examples_per_row` > 0: packed batches (bert_jax.packing) of that many slots per row."""
+  inputs = MODEL_ARGS + (packing.PACKED_INPUTS if examples_per_row else ())
+  shapes = {k: (seq_len,) for k in MODEL_ARGS + ("position_ids",)}
+  shapes["cls_positions"] = (examples_per_row,)
   return trainer.Objective(
-      model=model, inputs=MODEL_ARGS, sums=sums,
-      counts=lambda b: {"count": jnp.float32(b["input_ids"].shape[0])},
+      model=model, inputs=inputs, sums=sums,
+      counts=lambda b: {"count": jnp.sum(example_weights(b))},
       terms=(("loss", "count"),), metrics=metrics,
-      example_shapes={k: (seq_len,) for k in MODEL_ARGS})
+      example_shapes={k: shapes[k] for k in inputs})
 
 
 def classification_sums(outputs, batch, regression: bool = False) -> dict:
-  """Loss sum (cross-entropy, or squared error for one regression output), correct count, rows."""
+  """Loss sum (cross-entropy, or squared error for one regression output), correct count and
+  examples; logits [B, C] and labels [B], or [B, K, C] and [B, K] for packed rows."""
   logits, labels = outputs["logits"], batch["label"]
-  count = jnp.float32(logits.shape[0])
+  weights = example_weights(batch)
+  count = jnp.sum(weights)
   if regression:
-    return {"loss": jnp.sum((logits[:, 0] - labels) ** 2), "count": count}
-  ones = jnp.ones(labels.shape, jnp.float32)
-  return {"loss": losses.cross_entropy_sum(logits, labels, ones)[0],
-          "accuracy": losses.accuracy_sum(logits, labels, ones)[0], "count": count}
+    return {"loss": jnp.sum(weights * (logits[..., 0] - labels) ** 2), "count": count}
+  return {"loss": losses.cross_entropy_sum(logits, labels, weights)[0],
+          "accuracy": losses.accuracy_sum(logits, labels, weights)[0], "count": count}
 
 
-def classification_objective(bert, num_labels: int, seq_len: int,
-                             regression: bool = False) -> trainer.Objective:
-  """Sequence classification (batches: input_ids, input_mask, segment_ids [B, T], label [B])."""
+def classification_objective(bert, num_labels: int, seq_len: int, regression: bool = False,
+                             examples_per_row: int = 0) -> trainer.Objective:
+  """Sequence classification (batches: input_ids, input_mask, segment_ids [B, T], label [B];
+  packed: also position_ids [B, T], cls_positions, example_mask and label [B, K])."""
   return _objective(BertForSequenceClassification(bert, num_labels), seq_len,
-                    functools.partial(classification_sums, regression=regression), _means)
+                    functools.partial(classification_sums, regression=regression), _means,
+                    examples_per_row)
 
 
 def _means(sums: dict) -> dict:
@@ -98,6 +114,12 @@ class ClassificationTask:
                                         id_column=_column(d.get("id_column", "")))[0]
                              if d.get("predict_file") else None)
     self.default_metric = "pearson" if d.regression else "accuracy"
+    self.packing = bool(d.get("packing", False))
+    self.max_examples_per_row = int(d.get("max_examples_per_row", 0))
+    if self.packing:
+      packing.check_examples_per_row("data.max_examples_per_row", self.max_examples_per_row,
+                                     self.max_seq_length)
+    self._layouts: dict[str, packing.Layout] = {}
     log.info("classification: %d training examples, labels %s", len(self.train_examples),
              self.labels or "(regression)")
 
@@ -120,22 +142,35 @@ class ClassificationTask:
   def _eval(self) -> dict[str, np.ndarray]:
     return self._features(self.eval_examples)
 
+  def _rows(self, name: str, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's rows for an evaluation/prediction set: as they are, or packed (their
+    layout kept to map the outputs back with `_per_example`)."""
+    if not self.packing:
+      return _inputs(features)
+    rows, self._layouts[name] = packing.pack_all(_inputs(features), self.max_examples_per_row)
+    return rows
+
+  def _per_example(self, name: str, logits) -> np.ndarray:
+    layout = self._layouts.get(name)
+    return np.asarray(logits) if layout is None else layout.gather(logits)
+
   def eval_features(self) -> dict[str, np.ndarray]:
-    return _inputs(self._eval)
+    return self._rows("eval", self._eval)
 
   def predict_features(self) -> dict[str, np.ndarray]:
-    return _inputs(self._features(self.predict_examples))
+    return self._rows("predict", self._features(self.predict_examples))
 
-  def objective(self, bert) -> trainer.Objective:
+  def objective(self, bert, examples_per_row: int = 0) -> trainer.Objective:
     return classification_objective(bert, self.num_labels, self.max_seq_length,
-                                    self.regression)
+                                    self.regression, examples_per_row)
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
-    return classification.compute_metrics(outputs["logits"], self._eval["label"],
-                                           self.regression, self.num_labels), {}
+    return classification.compute_metrics(self._per_example("eval", outputs["logits"]),
+                                           self._eval["label"], self.regression,
+                                           self.num_labels), {}
 
   def predictions(self, outputs) -> dict[str, Any]:
-    logits = np.asarray(outputs["logits"])
+    logits = self._per_example("predict", outputs["logits"])
     if self.regression:
       rows = [{"id": ex.guid, "prediction": float(v)}
               for ex, v in zip(self.predict_examples, logits[:, 0], strict=True)]
@@ -190,7 +225,10 @@ class SquadTask:
   def eval_features(self) -> dict[str, np.ndarray]:
     return _inputs(self._eval[0])
 
-  def objective(self, bert) -> trainer.Objective:
+  packing = False  # windows of a passage are mostly full (see the README)
+
+  def objective(self, bert, examples_per_row: int = 0) -> trainer.Objective:
+    del examples_per_row
     return _objective(BertForQuestionAnswering(bert), self.data.max_seq_length, self._sums,
                       _means)
 
@@ -230,4 +268,7 @@ def make(config: ml_collections.ConfigDict, tok):
     raise ValueError(f"task {config.task!r}: expected one of {sorted(TASKS)}")
   if not config.data.train_file:
     raise ValueError("data.train_file is required")
+  if config.data.get("packing", False) and config.task != "classification":
+    raise ConfigError(f"data.packing=True: packing is for classification, not {config.task} "
+                      "(SQuAD windows are mostly full already)")
   return TASKS[config.task](config, tok)

@@ -67,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.dynamic_masking = False  # mask in the loader, fresh every epoch
   c.data.eval_fraction = 0.05  # documents held out for evaluation
   c.data.seed = 12345  # seed of instance creation and masking
+  c.data.packing = False  # pack several instances per row (less padding; bert_jax.packing)
+  c.data.max_examples_per_row = 8  # with packing: instances per row at most
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = batch  # global batch (sequences per update, all devices)

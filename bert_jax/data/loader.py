@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 BATCH_DTYPES = {"input_ids": np.int32, "input_mask": np.int32, "segment_ids": np.int32,
                 "masked_lm_positions": np.int32, "masked_lm_ids": np.int32,
                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32}
+# ... and of packed rows (bert_jax.packing), besides those.
+PACKED_DTYPES = {"position_ids": np.int32, "cls_positions": np.int32, "example_mask": np.float32}
 
 
 def instance_generators(seed: int, epochs: np.ndarray, indices: np.ndarray
@@ -124,6 +126,7 @@ class PretrainingLoader:
     self.local = global_batch_size // process_count
     self.offset = process_index * self.local
     self.dynamic = bool(self.manifest["dynamic_masking"])
+    self.dtypes = BATCH_DTYPES | (PACKED_DTYPES if self.manifest.get("packed") else {})
     if self.dynamic:
       d = pathlib.Path(data_dir)
       ids = self.manifest["special_ids"]
@@ -153,9 +156,10 @@ class PretrainingLoader:
       first = batch_index * self.global_batch_size + self.offset
       epochs = (first + np.arange(len(mine))) // self.instances.num_instances
       rngs = instance_generators(self.seed, epochs, mine)
-      rows.update(pretraining.mask_batch(rows["input_ids"], rows["input_mask"].sum(1), self.masking,
-                                         rngs, self.pad_id))
-    return {k: np.ascontiguousarray(rows[k], BATCH_DTYPES[k]) for k in BATCH_DTYPES}
+      real = (rows["input_mask"] > 0).sum(1)  # packed rows number their instances
+      rows.update(pretraining.mask_batch(rows["input_ids"], real, self.masking, rngs,
+                                         self.pad_id))
+    return {k: np.ascontiguousarray(rows[k], dtype) for k, dtype in self.dtypes.items()}
 
   def __iter__(self):
     return self

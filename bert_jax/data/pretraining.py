@@ -17,7 +17,10 @@ are chosen among all but [CLS]/[SEP]; each chosen token becomes [MASK] 80%, a ra
 itself 10%. Whole-word masking chooses whole words (a word = a token that starts one, WordPiece
 without "##", SentencePiece with "▁", a CJK character or punctuation mark, plus the tokens after
 it that do not). With dynamic masking the instances are stored unmasked and the loader masks them
-afresh each epoch.
+afresh each epoch. With --pack, rows hold several instances each (bert_jax.packing: positions
+restart at each instance's [CLS], attention stays within an instance, one next-sentence label per
+instance [rows, K]); the masked positions are then chosen per row, 15% of its real tokens, and
+the manifest records the padding share with and without packing.
 
 Differences from the original, on purpose: a chunk of one sentence is not always paired with a
 random B (which skews the labels towards "random"): when the coin says "true next", the sentence is
@@ -43,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import faults
+from bert_jax import faults, packing
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.files import replacing_dir
@@ -55,8 +58,10 @@ FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "ma
             "masked_lm_weights", "next_sentence_labels")
 STORED_DTYPES = {"input_ids": np.int32, "input_mask": np.int8, "segment_ids": np.int8,
                  "masked_lm_positions": np.int32, "masked_lm_ids": np.int32,
-                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32}
+                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32,
+                 "position_ids": np.int16, "cls_positions": np.int16, "example_mask": np.int8}
 UNMASKED = ("input_ids", "input_mask", "segment_ids", "next_sentence_labels")
+PACKED = ("position_ids", "cls_positions", "example_mask")  # the extra features of packed rows
 MANIFEST = "manifest.json"
 WORD_STARTS = "word_starts.npy"
 
@@ -405,13 +410,14 @@ class _ShardWriter:
     if not arrays:
       return
     n = len(arrays["input_ids"])
-    lengths = arrays["input_mask"].sum(1, dtype=np.int64)
+    lengths = (arrays["input_mask"] > 0).sum(1, dtype=np.int64)
+    examples = arrays["example_mask"].sum() if "example_mask" in arrays else n
     self.stats["instances"] += n
     self.stats["random_next"] += int(arrays["next_sentence_labels"].sum())
     self.stats["tokens"] += int(lengths.sum())
     if "masked_lm_weights" in arrays:
       self.stats["masked"] += int(arrays["masked_lm_weights"].sum())
-      self.stats["maskable"] += int((lengths - 3).sum())
+      self.stats["maskable"] += int(lengths.sum() - 3 * examples)
     self.buffer.append(arrays)
     self.buffered += n
     while self.buffered >= self.shard_size:
@@ -435,6 +441,56 @@ class _ShardWriter:
     faults.point("data.shard_written")
 
 
+class _PackingWriter:
+  """Packs instances into rows of several instances (bert_jax.packing) before a _ShardWriter:
+  chunks of `chunk` instances in creation order, each packed best-fit decreasing into rows of
+  at most `max_per_row` instances, then masked per row when masking is static (one generator
+  per row, seeded by (seed, split, chunk, row))."""
+
+  def __init__(self, writer: _ShardWriter, max_seq_length: int, max_per_row: int,
+               masking: MaskingSpec | None, pad_id: int, seed: tuple[int, ...], chunk: int):
+    self.writer, self.t, self.k = writer, max_seq_length, max_per_row
+    self.masking, self.pad_id, self.seed, self.chunk = masking, pad_id, seed, chunk
+    self.buffer: list[dict[str, np.ndarray]] = []
+    self.buffered = self.chunks = self.examples = self.rows = self.tokens = 0
+
+  def add(self, arrays: dict[str, np.ndarray]) -> None:
+    if arrays:
+      self.buffer.append(arrays)
+      self.buffered += len(arrays["input_ids"])
+    if self.buffered >= self.chunk:
+      self._pack()
+
+  def _pack(self) -> None:
+    merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
+    self.buffer, self.buffered = [], 0
+    lengths = merged["input_mask"].sum(1, dtype=np.int64)
+    layout = packing.Layout.of(packing.pack(lengths, self.t, self.k), lengths,
+                               max_per_row=self.k)
+    f = packing.packed_features({k: merged[k] for k in ("input_ids", "segment_ids",
+                                                        "next_sentence_labels")},
+                                lengths, layout)
+    if self.masking is not None:
+      rngs = [np.random.default_rng([*self.seed, self.chunks, r]) for r in range(layout.num_rows)]
+      f.update(mask_batch(f["input_ids"], (f["input_mask"] > 0).sum(1), self.masking, rngs,
+                          self.pad_id))
+    self.chunks += 1
+    self.examples += len(lengths)
+    self.rows += layout.num_rows
+    self.tokens += int(lengths.sum())
+    self.writer.add({k: v.astype(STORED_DTYPES[k]) for k, v in f.items()})
+
+  def close(self) -> dict[str, Any]:
+    if self.buffered:
+      self._pack()
+    out = self.writer.close()
+    out["packing"] = {
+        "examples": self.examples, "rows": self.rows,
+        "padding_share": round(1 - self.tokens / max(self.rows * self.t, 1), 4),
+        "padding_share_unpacked": round(1 - self.tokens / max(self.examples * self.t, 1), 4)}
+    return out
+
+
 def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
                      ) -> dict[str, np.ndarray]:
   n = corpus.num_documents()
@@ -452,8 +508,10 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
                             seed: int = 12345, whole_word_mask: bool = False,
                             dynamic_masking: bool = False, eval_fraction: float = 0.0,
                             workers: int | None = None, shard_size: int = 65536,
-                            docs_per_task: int = 64) -> dict[str, Any]:
-  """Creates the instances (see the module docstring); returns the manifest."""
+                            docs_per_task: int = 64, pack: bool = False,
+                            max_examples_per_row: int = 8) -> dict[str, Any]:
+  """Creates the instances (see the module docstring); returns the manifest. With `pack`, rows
+  hold several instances each (bert_jax.packing; at most `max_examples_per_row`)."""
   from bert_jax import tokenizer as tokenizers
   started = time.perf_counter()
   files = check_files(input_files)
@@ -462,6 +520,10 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
   if not 0 < masked_lm_prob < 1 or max_predictions_per_seq < 1 or dupe_factor < 1:
     raise ValueError("masked_lm_prob must be in (0, 1), max_predictions_per_seq and dupe_factor "
                      ">= 1")
+  if pack:
+    packing.check_examples_per_row("max_examples_per_row", max_examples_per_row, max_seq_length)
+    if max_examples_per_row < 1:
+      raise ValueError("max_examples_per_row must be >= 1 when packing (a fixed shape)")
   tok = tokenizers.load(tokenizer_path)
   if workers is None:
     size = sum(p.stat().st_size for p in files)
@@ -483,17 +545,24 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
                                  max_predictions=max_predictions_per_seq,
                                  whole_word=whole_word_mask)
     spec = InstanceSpec(max_seq_length, short_seq_prob, tok.cls_id, tok.sep_id, tok.pad_id,
-                        None if dynamic_masking else masking)
+                        None if dynamic_masking or pack else masking)
     np.save(tmp / WORD_STARTS, tok.word_starts)
     splits = {}
     for split_id, (split, docs) in enumerate(_split_documents(corpus, eval_fraction,
                                                               seed).items()):
       writer = _ShardWriter(tmp, split, shard_size)
+      if pack:
+        writer = _PackingWriter(writer, max_seq_length, max_examples_per_row,
+                                None if dynamic_masking else masking, tok.pad_id,
+                                (seed, split_id), shard_size)
       tasks = [(docs, lo, min(lo + docs_per_task, len(docs)), (seed, split_id, dupe, lo))
                for dupe in range(dupe_factor) for lo in range(0, len(docs), docs_per_task)]
       for arrays in _run_tasks(tasks, str(tmp / "corpus"), spec, workers):
         writer.add(arrays)
       splits[split] = writer.close() | {"num_documents": len(docs)}
+      rows = max(splits[split]["num_instances"], 1)
+      splits[split]["padding_share"] = round(
+          1 - splits[split]["stats"]["tokens"] / (rows * max_seq_length), 4)
       if splits[split]["num_instances"] == 0:
         raise DataError(f"{', '.join(map(str, files))}: the {split} split gave no instances")
     shutil.rmtree(tmp / "corpus")
@@ -508,7 +577,8 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
         "special_ids": dict(zip(("pad", "unk", "cls", "sep", "mask"), tok.special_ids,
                                 strict=True)),
         "features": {k: str(np.dtype(STORED_DTYPES[k])) for k in
-                     (UNMASKED if dynamic_masking else FEATURES)},
+                     (UNMASKED if dynamic_masking else FEATURES) + (PACKED if pack else ())},
+        "packed": pack, "max_examples_per_row": max_examples_per_row if pack else 1,
         "splits": splits,
         "args": {"input_files": [str(p) for p in files], "short_seq_prob": short_seq_prob,
                  "dupe_factor": dupe_factor, "seed": seed, "eval_fraction": eval_fraction},
@@ -579,15 +649,21 @@ def _main(argv: Sequence[str] | None = None) -> None:
                  help="share of documents held out as the eval split")
   p.add_argument("--workers", type=int, default=None, help="processes (default: by corpus size)")
   p.add_argument("--shard_size", type=int, default=65536)
+  p.add_argument("--pack", action="store_true",
+                 help="pack several instances per row (less padding; see bert_jax.packing)")
+  p.add_argument("--max_examples_per_row", type=int, default=8,
+                 help="with --pack: instances per row at most")
   a = p.parse_args(argv)
   m = create_pretraining_data(
       expand_files(a.input_files), a.tokenizer, a.output_dir, max_seq_length=a.max_seq_length,
       max_predictions_per_seq=a.max_predictions_per_seq, masked_lm_prob=a.masked_lm_prob,
       short_seq_prob=a.short_seq_prob, dupe_factor=a.dupe_factor, seed=a.seed,
       whole_word_mask=a.whole_word_mask, dynamic_masking=a.dynamic_masking,
-      eval_fraction=a.eval_fraction, workers=a.workers, shard_size=a.shard_size)
+      eval_fraction=a.eval_fraction, workers=a.workers, shard_size=a.shard_size, pack=a.pack,
+      max_examples_per_row=a.max_examples_per_row)
   print(json.dumps({k: m[k] for k in ("corpus", "seconds", "instances_per_s")} | {
-      k: {"instances": v["num_instances"], **v["stats"]} for k, v in m["splits"].items()}))
+      k: {"instances": v["num_instances"], **v["stats"], "padding_share": v["padding_share"],
+          **v.get("packing", {})} for k, v in m["splits"].items()}))
 
 
 if __name__ == "__main__":
