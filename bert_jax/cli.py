@@ -15,6 +15,8 @@ from bert_jax.errors import BertJaxError
 # Errors raised by the libraries we call (ml_collections, numpy, the file system) on bad input:
 # printed as one line with exit code 2 as well. Our own errors derive from BertJaxError.
 _LIBRARY_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
 # A full disk, a quota, a read-only file system: the machine's state, not a bug.
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
@@ -44,6 +46,8 @@ def run(main: Callable[..., Any], *args: Any) -> Any:
     return main(*args)
   except BertJaxError as e:
     _leave(f"error: {e}", e.exit_code, now=e.exit_now)
+  except _PATH_ERRORS as e:  # a workdir that is a file, a directory given for a file, ...
+    _leave(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", 2)
   except _LIBRARY_USER_ERRORS as e:
     _leave(f"error: {e}", 2)
   except OSError as e:

@@ -169,12 +169,16 @@ def _is_buffer(name: str) -> bool:
 
 
 def _read_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
   tensors = {}
   for file in files:
-    with safe_open(file, framework="flax") as f:  # "flax" also reads bfloat16
-      tensors.update({k: np.asarray(f.get_tensor(k), np.float32)
-                      for k in f.keys() if not _is_buffer(k)})
+    try:
+      with safe_open(file, framework="flax") as f:  # "flax" also reads bfloat16
+        tensors.update({k: np.asarray(f.get_tensor(k), np.float32)
+                        for k in f.keys() if not _is_buffer(k)})
+    except (SafetensorError, OSError) as e:
+      raise ConversionError(f"{file}: not a readable safetensors file ({e}); was it cut short "
+                            "by an interrupted download?") from None
   return tensors
 
 
@@ -185,7 +189,12 @@ def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
     raise ConversionError(f"{file}: reading pytorch_model.bin needs torch, which is not "
                           "installed (pip install torch, or save the model as safetensors)"
                           ) from None
-  state = torch.load(file, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise ConversionError(f"{file}: not a readable PyTorch state dict ({e})") from None
+  if not isinstance(state, dict):
+    raise ConversionError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
   return {k: v.float().numpy() for k, v in state.items() if not _is_buffer(k)}
 
 

@@ -338,13 +338,20 @@ def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
 # ----------------------------------------------------------------------------- training
 
 
-def _training_sentences(files: Sequence[pathlib.Path], counter: list[int]) -> Iterator[str]:
-  for path in files:
-    for _, line in iter_lines(path):
-      line = line.strip()
-      if line:
-        counter[0] += 1
-        yield presplit(line)
+def _training_sentences(files: Sequence[pathlib.Path], counter: list[int],
+                        errors: list[DataError]) -> Iterator[str]:
+  """The lines to train on; a DataError (bad bytes) is kept in `errors` for the caller, as
+  SentencePiece would report it as its own RuntimeError with a Python stack in the text."""
+  try:
+    for path in files:
+      for _, line in iter_lines(path):
+        line = line.strip()
+        if line:
+          counter[0] += 1
+          yield presplit(line)
+  except DataError as e:
+    errors.append(e)
+    raise
 
 
 def default_character_coverage(paths: Sequence[pathlib.Path], sample_chars: int = 1_000_000
@@ -382,17 +389,21 @@ def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
     raise ValueError(f"model_type must be unigram or bpe, not {model_type!r}")
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(
+      SPECIAL_TOKENS):
+    raise ValueError(f"vocab_size={vocab_size!r}: expected a whole number above "
+                     f"{len(SPECIAL_TOKENS)} (the special tokens alone take that many ids)")
   paths = check_files(files)
   if character_coverage is None:
     character_coverage = default_character_coverage(paths)
   out = pathlib.Path(f"{output_prefix}.model")
   out.parent.mkdir(parents=True, exist_ok=True)
-  counter = [0]
+  counter, errors = [0], []
   import io
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(paths, counter), model_writer=model,
+        sentence_iterator=_training_sentences(paths, counter, errors), model_writer=model,
         vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
         pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
         control_symbols=list(SPECIAL_TOKENS[2:]), hard_vocab_limit=False,
@@ -400,6 +411,8 @@ def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
+    if errors:
+      raise errors[0] from None
     if counter[0] == 0:
       raise DataError(f"{', '.join(map(str, paths))}: no text to train a tokenizer on") from None
     raise DataError(f"training SentencePiece on {', '.join(map(str, paths))} failed: {e}"

@@ -23,6 +23,7 @@ import numpy as np
 
 from bert_jax import files
 from bert_jax.data.errors import DataError
+from bert_jax.data.text import iter_lines
 
 Column = str | int
 FORMATS = ("tsv", "csv", "jsonl")
@@ -58,22 +59,22 @@ def _format(path: pathlib.Path, fmt: str | None) -> str:
 
 def _rows(path: pathlib.Path, fmt: str) -> Iterator[tuple[int, Any]]:
   """(line number, row) for every non-blank row: a list of cells, or a dict for JSONL."""
-  with open(path, encoding="utf-8", newline="") as f:
-    if fmt == "jsonl":
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          yield n, _json_row(path, n, line)
-      return
-    if fmt == "tsv":
-      reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-      reader = csv.reader(f)
-    try:
-      for row in reader:
-        if any(cell.strip() for cell in row):
-          yield reader.line_num, row
-    except csv.Error as e:
-      raise DataError(f"{path}:{reader.line_num}: {e}") from e
+  if fmt == "jsonl":
+    for n, line in iter_lines(path):
+      if line.strip():
+        yield n, _json_row(path, n, line)
+    return
+  lines = (line for _, line in iter_lines(path, keep_newline=True))  # bad bytes: file:line
+  if fmt == "tsv":
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+  else:
+    reader = csv.reader(lines)
+  try:
+    for row in reader:
+      if any(cell.strip() for cell in row):
+        yield reader.line_num, row
+  except csv.Error as e:
+    raise DataError(f"{path}:{reader.line_num}: {e}") from e
 
 
 def _json_row(path: pathlib.Path, n: int, line: str) -> dict:

@@ -90,8 +90,14 @@ def _read_question(qa: Any, context: str, title: str, where: str) -> SquadExampl
   if not isinstance(answers, list):
     raise DataError(f"{where}: 'answers' must be a list, got {type(answers).__name__}")
   answers = tuple(_read_answer(a, context, f"{where}, answer {k}") for k, a in enumerate(answers))
-  return SquadExample(str(qa["id"]), qa["question"], context, answers,
-                      bool(qa.get("is_impossible", False)), title)
+  impossible = qa.get("is_impossible", False)
+  if not isinstance(impossible, bool):
+    raise DataError(f"{where}: 'is_impossible' must be true or false, got {impossible!r}")
+  if impossible and answers:
+    raise DataError(f"{where}: is_impossible is true but the question has {len(answers)} "
+                    "answers (SQuAD v2.0 keeps those of an unanswerable question under "
+                    "'plausible_answers')")
+  return SquadExample(str(qa["id"]), qa["question"], context, answers, impossible, title)
 
 
 def parse_squad(data: Any, source: str = "<data>") -> list[SquadExample]:

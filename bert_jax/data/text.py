@@ -33,8 +33,10 @@ def check_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
   return out
 
 
-def iter_lines(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
-  """(line number, text without the newline) for each line of a UTF-8 file.
+def iter_lines(path: str | pathlib.Path, keep_newline: bool = False
+               ) -> Iterator[tuple[int, str]]:
+  """(line number, text without the newline) for each line of a UTF-8 file; `keep_newline`
+  keeps it (for the csv module, which reads quoted fields across lines).
 
   Undecodable bytes are an error (not a silent replacement): the message gives the file, the line
   and the column of the first bad byte.
@@ -46,4 +48,4 @@ def iter_lines(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
       except UnicodeDecodeError as e:
         raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
                         f"{e.start + 1} of the line); convert the file to UTF-8") from None
-      yield n, line.rstrip("\r\n")
+      yield n, line if keep_newline else line.rstrip("\r\n")
