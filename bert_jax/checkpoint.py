@@ -16,6 +16,7 @@ exports are written by process 0 alone after the parameters are gathered to ever
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import faults, files
 from bert_jax.config import BertConfig
@@ -135,7 +137,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
 # ----------------------------------------------------------------------------- checksums
 
 
-@jax.jit
 def _sums(leaves: list[Array]) -> list[Array]:
   """Per array: (sum of its 32-bit words, sum of word x (index + 1)), both mod 2**32. Exact
   whatever the order of the additions (integers), so the same on any device count or layout;
@@ -154,6 +155,14 @@ def _sums(leaves: list[Array]) -> list[Array]:
   return out
 
 
+@functools.cache
+def _jit_sums(mesh: Mesh | None):
+  """`_sums` jitted, its results replicated on `mesh` (readable on every process of a
+  multi-process run); host arrays (mesh None) on the default device."""
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  return jax.jit(_sums, out_shardings=replicated)
+
+
 def checksums(tree: Any) -> dict[str, str]:
   """{'params/bert/...': 'xxxxxxxx-xxxxxxxx'} for the arrays of `tree` (device or host arrays,
   sharded over any mesh); a collective in a multi-process run (every process calls it)."""
@@ -161,8 +170,10 @@ def checksums(tree: Any) -> dict[str, str]:
   named = [("/".join(_key(k) for k in p), x) for p, x in leaves
            if hasattr(x, "dtype") and np.dtype(x.dtype).itemsize in (1, 2, 4)
            and np.dtype(x.dtype).kind in "fiub"]
-  with jax.transfer_guard_device_to_host("allow"):
-    sums = jax.device_get(_sums([x for _, x in named]))
+  mesh = next((x.sharding.mesh for _, x in named
+               if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+  with jax.transfer_guard("allow"):
+    sums = jax.device_get(_jit_sums(mesh)([x for _, x in named]))
   return {name: f"{int(a):08x}-{int(b):08x}" for (name, _), (a, b) in zip(named, sums,
                                                                           strict=True)}
 
