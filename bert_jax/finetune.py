@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -140,12 +141,25 @@ def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertCon
                       scan_layers=m.scan_layers, attention=m.attention)
 
 
+def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Refuses a workdir that holds the starting point (its checkpoints, best/ and cleanup would
+  overwrite the model being fine-tuned from)."""
+  if not config.init_from or files.is_url(config.init_from) or files.is_url(workdir):
+    return
+  start = pathlib.Path(os.fspath(config.init_from)).resolve()
+  work = pathlib.Path(os.fspath(workdir)).resolve()
+  if start == work or work in start.parents:
+    raise FinetuneError(f"--workdir {workdir} holds init_from={config.init_from}: fine-tuning "
+                        "there would overwrite the starting model; choose another workdir")
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   from bert_jax import tasks
   trainer.check_counts(config.train, {
       "epochs": 1, "max_steps": 0, "batch_size": 1, "eval_batch_size": 1, "grad_accum": 1,
       "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1})
   sharding.init_distributed()
+  _check_workdir(config, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   bert, encoder_params, tok_path = load_start(config)
   tok = tokenizer.load(tok_path)

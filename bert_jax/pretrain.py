@@ -118,8 +118,55 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path,
   if d.data_dir and not (data_dir / "manifest.json").exists():
     raise ConfigError(f"data.data_dir: {data_dir} has no manifest.json (create it with "
                       "python -m bert_jax.data.pretraining, or leave data_dir empty)")
+  if not d.data_dir and (data_dir / "manifest.json").exists():
+    from bert_jax.data import pretraining
+    check_recipe(config, data_dir, pretraining.read_manifest(data_dir))
   files.on_process_0(_create_data, config, data_dir, tokenizer_path)
   return files.local(data_dir)
+
+
+def check_recipe(config: ml_collections.ConfigDict, data_dir: epath.Path, manifest: dict
+                 ) -> None:
+  """Refuses data that the workdir made earlier from other data.* values (a changed flag would
+  otherwise be ignored silently: the run would train on the old data)."""
+  d, args = config.data, manifest.get("args", {})
+  made = {"input_files": args.get("input_files"), "max_seq_length": manifest["max_seq_length"],
+          "max_predictions_per_seq": manifest["max_predictions_per_seq"],
+          "masked_lm_prob": manifest["masked_lm_prob"],
+          "whole_word_mask": manifest["whole_word_mask"],
+          "dynamic_masking": manifest["dynamic_masking"],
+          "short_seq_prob": args.get("short_seq_prob"), "dupe_factor": args.get("dupe_factor"),
+          "seed": args.get("seed"), "eval_fraction": args.get("eval_fraction"),
+          "packing": bool(manifest.get("packed"))}
+  if manifest.get("packed"):
+    made["max_examples_per_row"] = manifest["max_examples_per_row"]
+  wanted = {k: d[k] for k in made}
+  # Files by absolute path; the bundled corpus by name (its path moves with the installation).
+  where = (lambda f: os.path.abspath(f)) if d.input_files else os.path.basename
+  wanted["input_files"] = [where(f) for f in _input_files(config)]
+  made["input_files"] = [where(f) for f in made["input_files"] or []] or None
+  differ = [f"data.{k}={wanted[k]!r} (made with {v!r})" for k, v in made.items()
+            if v is not None and wanted[k] != v]
+  if differ:
+    raise ConfigError(f"{data_dir} was made from other data settings: {'; '.join(differ)}. "
+                      f"Remove {data_dir} to make it again, or restore the settings")
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """What must hold before any data is written (a bad value would otherwise be baked into the
+  workdir's data and fail every corrected rerun)."""
+  d, m = config.data, config.model
+  if d.max_seq_length > m.max_position_embeddings:
+    raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the position table "
+                      f"(model.max_position_embeddings={m.max_position_embeddings})")
+  if d.max_seq_length < 5:
+    raise ConfigError(f"data.max_seq_length={d.max_seq_length}: expected >= 5 ([CLS] A [SEP] B "
+                      "[SEP])")
+  if d.packing:
+    packing.check_examples_per_row("data.max_examples_per_row", d.max_examples_per_row,
+                                   d.max_seq_length)
+    if d.max_examples_per_row < 1:
+      raise ConfigError("data.max_examples_per_row=0: packed pretraining rows need a fixed cap")
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
@@ -164,6 +211,7 @@ class Setup:
   data_dir: epath.Path
   manifest: dict
   tokenizer_path: epath.Path
+  evaluates: bool = True  # the data has an eval split of at least one batch
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
@@ -175,10 +223,12 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.train.num_devices or None, config.train.fsdp)
+  check_data_config(config)
   tok_path = prepare_tokenizer(config, workdir)
   tok = tokenizer.load(tok_path)
   data_dir = prepare_data(config, workdir, tok_path)
   manifest = pretraining.read_manifest(data_dir)
+  evaluates = _check_eval_split(data_dir, manifest, config.train.batch_size)
   fingerprint = manifest.get("tokenizer_fingerprint")
   if fingerprint and fingerprint != tok.fingerprint:
     raise ConfigError(f"{data_dir} was made with another tokenizer (fingerprint "
@@ -193,7 +243,22 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   objective = pretraining_objective(
       bert, int(manifest["max_seq_length"]), int(manifest["max_predictions_per_seq"]),
       int(manifest["max_examples_per_row"]) if manifest.get("packed") else 0)
-  return Setup(bert, mesh, objective, tx, schedule, data_dir, manifest, tok_path)
+  return Setup(bert, mesh, objective, tx, schedule, data_dir, manifest, tok_path, evaluates)
+
+
+def _check_eval_split(data_dir: epath.Path, manifest: dict, batch_size: int) -> bool:
+  """Whether the data can be evaluated on (decided before the first step: a missing split must
+  not fail the run after its last step, before the final save)."""
+  split = manifest["splits"].get("eval")
+  if split is None:
+    log.warning("%s has no eval split (data.eval_fraction=0, or a corpus of one document: "
+                "documents are separated by blank lines): training without evaluation", data_dir)
+    return False
+  if split["num_instances"] < batch_size:
+    log.warning("the eval split of %s holds %d instances, fewer than one batch of %d: training "
+                "without evaluation", data_dir, split["num_instances"], batch_size)
+    return False
+  return True
 
 
 # ----------------------------------------------------------------------------- state
@@ -233,6 +298,8 @@ def _meta(s: Setup, config: ml_collections.ConfigDict, loader_state: dict) -> di
 def evaluate(s: Setup, config: ml_collections.ConfigDict, eval_fn, params) -> dict[str, float]:
   """MLM/NSP loss and accuracy over `train.eval_batches` batches of the held-out split."""
   from bert_jax.data.loader import PretrainingLoader
+  if not s.evaluates:
+    return {}
   loader = PretrainingLoader(s.data_dir, split="eval", global_batch_size=config.train.batch_size,
                              seed=0, process_index=jax.process_index(),
                              process_count=jax.process_count(), shuffle=False, num_epochs=1)

@@ -225,7 +225,7 @@ class SquadTask:
   def eval_features(self) -> dict[str, np.ndarray]:
     return _inputs(self._eval[0])
 
-  packing = False  # windows of a passage are mostly full (see the README)
+  packing = False  # not packed (see the README: padding shares)
 
   def objective(self, bert, examples_per_row: int = 0) -> trainer.Objective:
     del examples_per_row
@@ -270,5 +270,5 @@ def make(config: ml_collections.ConfigDict, tok):
     raise ValueError("data.train_file is required")
   if config.data.get("packing", False) and config.task != "classification":
     raise ConfigError(f"data.packing=True: packing is for classification, not {config.task} "
-                      "(SQuAD windows are mostly full already)")
+                      "(span decoding over packed windows is not implemented)")
   return TASKS[config.task](config, tok)

@@ -226,3 +226,13 @@ def test_impossible_counts_are_refused_before_anything_is_written(model_dir, tmp
   with pytest.raises(ConfigError, match=rf"train.{field}={value}: expected a whole number"):
     finetune.main(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_workdir_holding_the_starting_model_is_refused(model_dir, tmp_path, inside):  # noqa: F811
+  from bert_jax import finetune
+  # The model itself, or the workdir above it (like a previous run's best/ export).
+  work = model_dir.parent if inside else model_dir
+  config = _classify_config(model_dir, tmp_path)
+  with pytest.raises(finetune.FinetuneError, match="holds init_from=.*overwrite the starting"):
+    finetune.main(config, work)

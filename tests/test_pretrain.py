@@ -176,6 +176,51 @@ def test_bad_configuration_is_refused(prepared, tmp_path, overrides, message):
     pretrain.main(_config(prepared, **{"train.num_devices": 8, **overrides}), tmp_path)
 
 
+def _corpus(prepared) -> str:
+  return pretraining.read_manifest(prepared["data.data_dir"])["args"]["input_files"][0]
+
+
+def test_a_position_table_too_short_is_refused_before_any_data_is_written(prepared, tmp_path):
+  from bert_jax import pretrain
+  config = _config(prepared, **{"data.data_dir": "", "data.input_files": _corpus(prepared),
+                                "data.max_seq_length": 64, "model.max_position_embeddings": 32})
+  with pytest.raises(pretrain.ConfigError, match=r"data.max_seq_length=64 exceeds the position"):
+    pretrain.main(config, tmp_path)
+  assert not (tmp_path / "data").exists()
+
+
+def test_changed_data_flags_on_a_workdir_are_refused(prepared, tmp_path):
+  from bert_jax import pretrain
+  config = _config(prepared, **{"data.data_dir": "", "data.input_files": _corpus(prepared),
+                                "data.dupe_factor": 1})
+  data_dir = tmp_path / "data"
+  pretrain._create_data(config, data_dir, prepared["data.tokenizer"])
+  pretrain.check_recipe(config, data_dir, pretraining.read_manifest(data_dir))  # as made
+  for field, value in (("dupe_factor", 2), ("whole_word_mask", True), ("packing", True),
+                       ("input_files", prepared["data.tokenizer"])):
+    changed = _config(prepared, **{"data.data_dir": "", "data.input_files": _corpus(prepared),
+                                   "data.dupe_factor": 1, f"data.{field}": value})
+    with pytest.raises(pretrain.ConfigError, match=rf"was made from other data settings: "
+                                                   rf"data.{field}="):
+      pretrain.prepare_data(changed, tmp_path, prepared["data.tokenizer"])
+
+
+def test_data_without_an_eval_split_trains_to_the_end(prepared, tmp_path, caplog):
+  from bert_jax import pretrain
+  data_dir = tmp_path / "data"
+  pretraining.create_pretraining_data([_corpus(prepared)], prepared["data.tokenizer"],
+                                      str(data_dir), max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1,
+                                      eval_fraction=0.0)
+  config = _config(prepared, **{"data.data_dir": str(data_dir), "train.steps": 2,
+                                "train.eval_every": 1})
+  with caplog.at_level("WARNING", logger="bert_jax.pretrain"):
+    last = pretrain.main(config, tmp_path / "run")
+  assert "has no eval split" in caplog.text and "training without evaluation" in caplog.text
+  assert not any(k.startswith("eval_") for k in last)
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()  # the final save happened
+
+
 def _spawn_process(config, workdir, index, port):
   env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
          "JAX_PROCESS_ID": str(index)}
