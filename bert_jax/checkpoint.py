@@ -249,17 +249,26 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-@contextlib.contextmanager
-def _quiet_unraisable() -> Iterator[None]:
-  """A failed restore leaves Orbax's other read coroutines to be collected with their errors,
-  which Python prints as 'Exception ignored in' tracebacks: collected here, logged at debug."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda u: log.debug("ignored after a failed read: %s", u.exc_value)
-  try:
-    yield
-  finally:
-    gc.collect()
-    sys.unraisablehook = hook
+def _quiet_orbax_reads() -> None:
+  """A failed restore leaves Orbax's other read coroutines to be collected, whenever that
+  happens, with the same error, which Python prints as 'Exception ignored in' tracebacks: from
+  the first restore on, those (and the late callbacks of the reads TensorStore still had under
+  way) are logged at debug level instead."""
+  previous = sys.unraisablehook
+  if getattr(previous, "bert_jax", False):
+    return
+
+  def hook(u):
+    if ("_read_array_index_and_device_put" in repr(u.object)
+        or "Event loop is closed" in str(u.exc_value)):  # TensorStore's callbacks, late
+      log.debug("ignored after a failed read: %s", u.exc_value)
+    else:
+      previous(u)
+  hook.bert_jax = True
+  sys.unraisablehook = hook
+  # ... and asyncio's "Task exception was never retrieved" for the same abandoned reads.
+  logging.getLogger("asyncio").addFilter(
+      lambda r: "orbax/checkpoint/_src/serialization" not in r.getMessage())
 
 
 def _why(e: BaseException) -> str:
@@ -282,14 +291,17 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
   except Exception as e:  # noqa: BLE001 - an unreadable step: use an older one
     return _why(e)
   check_fits(step_dir / "state", stored, abstract_state)
+  _quiet_orbax_reads()
   try:
-    with _quiet_unraisable():
-      got = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    got = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     verify(step_dir, got["state"], (got["meta"] or {}).get("checksums"))
   except Exception as e:  # noqa: BLE001 - for example truncated by a crash mid-write
-    return _why(e)
-  return got["state"], got["meta"]
+    why = _why(e)
+  else:
+    return got["state"], got["meta"]
+  gc.collect()  # the abandoned reads, now, while the hook is in place
+  return why
 
 
 def _set_aside(directory: epath.Path, steps: list[int]) -> None:

@@ -4,6 +4,7 @@ pretrain/finetune/convert, reading the logged losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -139,3 +140,16 @@ def tree_bytes(d: pathlib.Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
   """{relative path: bytes} of the files under `d`, but those named in `skip`."""
   return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
           if p.is_file() and p.name not in skip}
+
+
+@contextlib.contextmanager
+def kept_logging():
+  """Restores the root logger's handlers after a block that ran a CLI entry point in this
+  process (`cli.setup_logging` points them at the stream of the moment, pytest's capture)."""
+  import logging
+  root = logging.getLogger()
+  handlers, level = root.handlers[:], root.level
+  try:
+    yield
+  finally:
+    root.handlers[:], root.level = handlers, level

@@ -23,6 +23,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BINARY = b"\xff\xfe" + bytes(range(256)) * 4  # not UTF-8 from its first byte
 
 
+@pytest.fixture(autouse=True)
+def _logging():
+  with runs.kept_logging():
+    yield
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
   """A tokenizer, prepared instances, a classification task, a tiny HF config, bad files."""
