@@ -277,7 +277,7 @@ PRETRAIN_CASES = {
     "vocab_size other than the tokenizer's": ({"model.vocab_size": 1234},
                                               ["model.vocab_size=1234", "600"]),
     "max_seq_length beyond the position table": (
-        {"model.max_position_embeddings": 16}, ["max_seq_length 32", "position table"]),
+        {"model.max_position_embeddings": 16}, ["max_seq_length=32", "position table"]),
     "data of another max_seq_length": ({"data.max_seq_length": 64},
                                        ["max_seq_length 32", "data.max_seq_length=64"]),
     "an unknown optimizer": ({"train.optimizer": "sgd"}, ["sgd"]),
