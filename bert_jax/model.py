@@ -220,9 +220,9 @@ class Pooler(nn.Module):
 
 def packed_attention_mask(example_ids: Array) -> Array:
   """example_ids [B, T] (0 = padding, k = the row's k-th example) -> [B, T, S] bool: a query
-  sees the keys of its own example only (block-diagonal; padding sees nothing)."""
-  same = example_ids[:, :, None] == example_ids[:, None, :]
-  return same & (example_ids[:, None, :] > 0)
+  sees the keys of its own example only (block-diagonal). Padding sees padding, so that no row
+  of the mask is empty (fused kernels may return NaN for a query that sees nothing)."""
+  return example_ids[:, :, None] == example_ids[:, None, :]
 
 
 class BertModel(nn.Module):
