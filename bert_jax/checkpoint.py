@@ -121,6 +121,7 @@ def manager(directory: files.PathLike, max_to_keep: int | None = 3, async_save: 
   steps readable; a failed write (disk full) is a CheckpointError at the next save or close."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
+  _quiet_orbax_leftovers()  # a failed write leaves TensorStore callbacks behind too
   return _Manager(files.path(directory), options=options, item_names=("state", "meta"))
 
 
@@ -249,7 +250,7 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _quiet_orbax_reads() -> None:
+def _quiet_orbax_leftovers() -> None:
   """A failed restore leaves Orbax's other read coroutines to be collected, whenever that
   happens, with the same error, which Python prints as 'Exception ignored in' tracebacks: from
   the first restore on, those (and the late callbacks of the reads TensorStore still had under
@@ -291,7 +292,7 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
   except Exception as e:  # noqa: BLE001 - an unreadable step: use an older one
     return _why(e)
   check_fits(step_dir / "state", stored, abstract_state)
-  _quiet_orbax_reads()
+  _quiet_orbax_leftovers()
   try:
     got = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
