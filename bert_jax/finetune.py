@@ -167,6 +167,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   bert = model_config(config, bert)
   task = tasks.make(config, tok)
   t = config.train
+  metric = t.metric or task.default_metric
+  if config.data.eval_file and metric not in task.metric_names:
+    raise FinetuneError(f"train.metric={metric!r}: expected one of {sorted(task.metric_names)}")
   mesh = sharding.make_mesh(t.num_devices or None, t.fsdp)
   sharding.check_batch_size("train.batch_size", t.batch_size, mesh, t.grad_accum)
   sharding.check_batch_size("train.eval_batch_size", t.eval_batch_size, mesh)

@@ -164,6 +164,11 @@ class ClassificationTask:
     return classification_objective(bert, self.num_labels, self.max_seq_length,
                                     self.regression, examples_per_row)
 
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """What `evaluate` reports (train.metric picks one)."""
+    return ("pearson", "spearman", "mse") if self.regression else ("accuracy", "f1", "mcc")
+
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     return classification.compute_metrics(self._per_example("eval", outputs["logits"]),
                                            self._eval["label"], self.regression,
@@ -243,6 +248,14 @@ class SquadTask:
             "start_accuracy": acc(start, batch["start_positions"]),
             "end_accuracy": acc(end, batch["end_positions"]),
             "count": jnp.float32(start.shape[0])}
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """What `evaluate` reports: the official script's numbers (scored here on no answers)."""
+    if self.eval_json is None:
+      return ()
+    scores = squad_eval.evaluate(self.eval_json, {}, {} if self.version_2 else None)
+    return tuple(k for k, v in scores.items() if isinstance(v, int | float))
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     d = self.data
