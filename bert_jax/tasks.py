@@ -251,10 +251,12 @@ class SquadTask:
 
   @property
   def metric_names(self) -> tuple[str, ...]:
-    """What `evaluate` reports: the official script's numbers (scored here on no answers)."""
+    """What `evaluate` reports: the official script's numbers (scored here on empty answers)."""
     if self.eval_json is None:
       return ()
-    scores = squad_eval.evaluate(self.eval_json, {}, {} if self.version_2 else None)
+    empty = {ex.qas_id: "" for ex in self.eval_examples}
+    scores = squad_eval.evaluate(self.eval_json, empty,
+                                 dict.fromkeys(empty, 0.0) if self.version_2 else None)
     return tuple(k for k, v in scores.items() if isinstance(v, int | float))
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
