@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -268,8 +269,19 @@ def _quiet_orbax_leftovers() -> None:
   hook.bert_jax = True
   sys.unraisablehook = hook
   # ... and asyncio's "Task exception was never retrieved" for the same abandoned reads.
-  logging.getLogger("asyncio").addFilter(
-      lambda r: "orbax/checkpoint/_src/serialization" not in r.getMessage())
+  logging.getLogger("asyncio").addFilter(_not_an_abandoned_read)
+
+
+def _not_an_abandoned_read(record: logging.LogRecord) -> bool:
+  """False for asyncio's 'exception was never retrieved' about one of Orbax's reads: a Task names
+  the coroutine in its message, a gathering future only carries the read's error."""
+  text = record.getMessage()
+  if record.exc_info and record.exc_info[1] is not None:
+    e = record.exc_info[1]
+    text += f" {e} {traceback.format_tb(e.__traceback__)}"
+  return not ("orbax/checkpoint/_src/serialization" in text
+              or "_read_array_index_and_device_put" in text
+              or "Encountered error while reading array index" in text)
 
 
 def _why(e: BaseException) -> str:
