@@ -317,14 +317,28 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
   return why
 
 
-def _set_aside(directory: epath.Path, steps: list[int]) -> None:
+def _set_aside(directory: epath.Path, steps: list[int], why: str = "unreadable") -> None:
   for step in steps:
     src = directory / str(step)
-    dst = directory / f"{step}.unreadable"
+    dst = directory / f"{step}.{why}"
     if dst.exists():
       dst.rmtree()
     src.rename(dst)
-    log.warning("moved the unreadable step %d to %s", step, dst)
+    log.warning("moved the %s step %d to %s", why, step, dst)
+
+
+def set_aside_diverged(mngr: ocp.CheckpointManager, step: int) -> epath.Path | None:
+  """Renames checkpoint `step`, whose weights gave a NaN/Inf loss or gradient at the next update,
+  to `<step>.diverged` (kept for inspection; a rerun resumes from the step before it). Waits for
+  a write of it still under way first. Returns the new path; None when no such step was saved.
+  Every process calls it (process 0 renames, behind a barrier)."""
+  mngr.wait_until_finished()
+  if step not in _agreed_steps(mngr):
+    return None
+  directory = epath.Path(mngr.directory)
+  files.on_process_0(_set_aside, directory, [step], "diverged")
+  mngr.reload()
+  return directory / f"{step}.diverged"
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any

@@ -265,6 +265,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       should_checkpoint=lambda step: step % every == 0,
       save=lambda step, st: checkpoint.save(
           mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict()}),
+      set_aside=lambda step: checkpoint.set_aside_diverged(mngr, step),
       writer=writer, progress_bar=t.progress_bar,
       tokens_per_step=(run.packer.num_rows if run.packer else t.batch_size)
       * config.data.max_seq_length)

@@ -348,6 +348,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       evaluate=lambda st, _: evaluate(s, config, eval_fn, st.params),
       should_checkpoint=lambda step: step % t.checkpoint_every == 0,
       save=lambda step, st: checkpoint.save(mngr, step, st, _meta(s, config, loader.get_state())),
+      set_aside=lambda step: checkpoint.set_aside_diverged(mngr, step),
       writer=writer, progress_bar=t.progress_bar,
       tokens_per_step=t.batch_size * int(s.manifest["max_seq_length"]))
   try:

@@ -247,13 +247,19 @@ def _first_nonfinite(first: Array, metrics: dict[str, Array]) -> Array:
   return jnp.where((first < 0) & metrics["nonfinite"], metrics["step"], first)
 
 
-def _check_finite(first: Array) -> None:
-  """Raises NonFiniteLossError naming the first non-finite step, if any (a device read)."""
+def _check_finite(first: Array, set_aside: Callable[[int], Any] | None) -> None:
+  """Raises NonFiniteLossError naming the first non-finite step, if any (a device read). The
+  checkpoint of the step before it, if one was saved, holds the weights that gave the NaN/Inf:
+  `set_aside(step)` moves it out of the way of a rerun first."""
   step = int(first)
-  if step >= 0:
-    raise NonFiniteLossError(f"step {step}: the loss is NaN or Inf, or the gradient norm is; "
-                             "stopping before any save, so the checkpoints already written "
-                             "hold finite weights")
+  if step < 0:
+    return
+  moved = set_aside(step - 1) if set_aside is not None else None
+  kept = (f"; the checkpoint of step {step - 1}, whose weights gave it, was moved to {moved} "
+          "and the older checkpoints are kept" if moved is not None else
+          ", so the checkpoints already written hold finite weights")
+  raise NonFiniteLossError(f"step {step}: the loss is NaN or Inf, or the gradient norm is; "
+                           f"stopping before any save{kept}")
 
 
 def _host(metrics) -> dict[str, float]:
@@ -270,6 +276,8 @@ class Loop:
     should_evaluate(step) and after the last step.
   save(step, state): writes a checkpoint; called where should_checkpoint(step), after the last
     step and on a preemption signal, always after the NaN/Inf check of that step.
+  set_aside(step) -> where the checkpoint of `step` was moved, or None if there is none: called
+    when update `step` + 1 went NaN/Inf (the weights of `step` gave it), before the error.
   """
 
   mesh: Mesh
@@ -284,6 +292,7 @@ class Loop:
   writer: Any
   progress_bar: bool = True
   tokens_per_step: int | None = None
+  set_aside: Callable[[int], Any] | None = None
 
 
 class _Window:
@@ -359,7 +368,7 @@ def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
     if not (log_now or eval_now or save_now):
       continue
     with _sync():
-      _check_finite(first_bad)
+      _check_finite(first_bad, loop.set_aside)
       if log_now:
         host = {**_host(metrics), **window.rates(loop.tokens_per_step)}
         loop.writer.write(step, host)

@@ -236,7 +236,8 @@ def test_finetuning_that_diverges_keeps_every_output(corpus, tmp_path):
   for name, data in before.items():
     assert after.get(name) == data, f"{name} was replaced or deleted"
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-  assert max(saved) < bad_step
+  assert max(saved) < bad_step - 1
+  _assert_set_aside(tmp_path / "checkpoints", bad_step, last)
 
 
 @slow
@@ -252,9 +253,18 @@ def test_pretraining_that_diverges_stops_before_saving(corpus, tmp_path):
   last = _assert_one_line_error(out, "loss is NaN or Inf")
   bad_step = int(last.split("step ")[1].split(":")[0])
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert max(saved) < bad_step and {2, 4} <= set(saved)
+  assert max(saved) < bad_step - 1 and {2, 4} <= set(saved)
   for step, params in good.items():
     runs.assert_same_arrays(runs.params_of(tmp_path / "checkpoints" / step), params)
+  _assert_set_aside(tmp_path / "checkpoints", bad_step, last)
+
+
+def _assert_set_aside(checkpoints: pathlib.Path, bad_step: int, message: str) -> None:
+  """With a checkpoint every step, the one before the NaN/Inf (its weights gave it) was saved:
+  it is moved to `<step>.diverged`, whole, and the error line says so."""
+  moved = checkpoints / f"{bad_step - 1}.diverged"
+  assert moved.is_dir() and (moved / "state").is_dir(), sorted(os.listdir(checkpoints))
+  assert f"step {bad_step - 1}" in message and str(moved) in message, message
 
 
 # ----------------------------------------------------------------------------- damaged steps
