@@ -67,17 +67,37 @@ def _leave(message: str, code: int, now: bool = False) -> None:
   sys.exit(code)
 
 
-def define_config_flag(script: str, default: str | None, help_text: str):
-  """`--config` (an ml_collections config file) for the CLI `script` (its __file__): a relative
-  default resolves against the script's directory, so the CLI runs from any directory. A config
-  file that does not load or an override of a field that does not exist (both are read when the
-  flag is defined) prints one line and exits 2."""
+def configs_dir() -> str:
+  """The directory of the shipped configs (pretrain.py, classify.py, squad.py): `configs/` beside
+  the package in a source checkout or an editable install, else the copy a wheel installs as
+  `bert_jax/configs`."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  beside = os.path.join(os.path.dirname(here), "configs")
+  return beside if os.path.isfile(os.path.join(beside, "pretrain.py")) else os.path.join(
+      here, "configs")
+
+
+def _importable_configs() -> None:
+  """Config files import their shared fields as `configs.<module>`: `configs` is made the
+  package of `configs_dir()`, unless a `configs` package is imported already."""
+  if "configs" in sys.modules:
+    return
+  import importlib.machinery
+  import importlib.util
+  spec = importlib.machinery.ModuleSpec("configs", None, is_package=True)
+  spec.submodule_search_locations = [configs_dir()]
+  sys.modules["configs"] = importlib.util.module_from_spec(spec)
+
+
+def define_config_flag(default: str | None, help_text: str):
+  """`--config` (an ml_collections config file). `default` names a file of `configs_dir()`, so
+  the command runs from any directory. A config file that does not load or an override of a
+  field that does not exist (both are read when the flag is defined) prints one line and exits
+  2."""
   from ml_collections import config_flags
-  if default is not None and not os.path.isabs(default):
-    default = os.path.join(os.path.dirname(os.path.abspath(script)), default)
-  root = os.path.dirname(os.path.abspath(script))
-  if root not in sys.path:
-    sys.path.insert(0, root)  # configs/*.py import their shared fields as `configs.<module>`
+  if default is not None:
+    default = os.path.join(configs_dir(), default)
+  _importable_configs()
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
   except (KeyError, AttributeError, OSError, ValueError, TypeError) as e:
@@ -104,10 +124,25 @@ def config_value(flag) -> Any:
   return value
 
 
+def _shipped_config(arg: str) -> str:
+  """`--config=configs/classify.py` (or `classify.py`, with an optional `:ARG`) that names no file
+  here but one of the shipped configs (`configs_dir()`): that one, so the shipped configs work by
+  name from any directory and from an installed wheel."""
+  if not arg.startswith("--config="):
+    return arg
+  file, sep, rest = arg.removeprefix("--config=").partition(":")
+  shipped = os.path.join(configs_dir(), os.path.basename(file))
+  if os.path.exists(file) or not os.path.isfile(shipped) or os.path.basename(
+      os.path.dirname(file)) not in ("", "configs"):
+    return arg
+  return f"--config={shipped}{sep}{rest}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run(..., flags_parser=cli.parse_flags)`) with a bad flag value,
   e.g. a config argument that its get_config refuses, as one line and exit 2."""
   from absl import flags
+  argv = [_shipped_config(a) for a in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -117,3 +152,67 @@ def parse_flags(argv: list[str]) -> list[str]:
     head = head.split(": Error whilst")[0]
     print(f"error: {head}{': ' + reason if reason else ''}", file=sys.stderr)
     sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- console commands
+# `pip install` puts these on the PATH (pyproject.toml's [project.scripts]); each is the same as
+# the script or module named in its docstring.
+
+
+def pretrain_command() -> None:
+  """bert-jax-pretrain: train.py."""
+  from absl import app, flags
+  config = define_config_flag("pretrain.py", "pretraining config file (configs/pretrain.py, "
+                              "optionally :VARIANT)")
+  workdir = flags.DEFINE_string("workdir", "workdir/pretrain_tiny",
+                                "directory for the tokenizer, data, checkpoints and metrics")
+
+  def main(argv):
+    del argv
+    from bert_jax import pretrain
+    run(pretrain.main, config_value(config), workdir.value)
+  app.run(main, flags_parser=parse_flags)
+
+
+def finetune_command() -> None:
+  """bert-jax-finetune: finetune.py."""
+  from absl import app, flags
+  config = define_config_flag(None, "task config (configs/classify.py or configs/squad.py)")
+  workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and outputs")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    from bert_jax import finetune
+    run(finetune.main, config_value(config), workdir.value)
+  app.run(main, flags_parser=parse_flags)
+
+
+def tokenizer_command() -> None:
+  """bert-jax-tokenizer: python -m bert_jax.tokenizer."""
+  from bert_jax import tokenizer
+  run(tokenizer._main)
+
+
+def data_command() -> None:
+  """bert-jax-data: python -m bert_jax.data.pretraining."""
+  from bert_jax.data import pretraining
+  run(pretraining._main)
+
+
+def convert_command() -> None:
+  """bert-jax-convert: python -m bert_jax.convert."""
+  from bert_jax import convert
+  run(convert.main)
+
+
+def squad_eval_command() -> None:
+  """bert-jax-squad-eval: python -m bert_jax.squad_eval."""
+  from bert_jax import squad_eval
+  run(squad_eval.main)
+
+
+def bench_command() -> None:
+  """bert-jax-bench: python -m bert_jax.bench."""
+  from bert_jax import bench
+  run(bench.main)
