@@ -316,8 +316,10 @@ def _hf_tensors(config: BertConfig, flat: Mapping[tuple[str, ...], Any]
 
 def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | os.PathLike,
           tokenizer_path: str | os.PathLike | None = None) -> epath.Path:
-  """Writes config.json + model.safetensors (+ the tokenizer file) for
-  `transformers.BertForPreTraining.from_pretrained(out_dir)`, atomically.
+  """Writes config.json + model.safetensors (+ the tokenizer file, with the Hugging Face files
+  that make `transformers.AutoTokenizer.from_pretrained(out_dir)` give our ids: see
+  bert_jax.hf_tokenizer) for `transformers.BertForPreTraining.from_pretrained(out_dir)`,
+  atomically.
 
   params: our full tree, or the encoder alone (the heads are then written freshly initialised),
   in either layout. out_dir may be a URL (gs://...). Call it on one process.
@@ -330,7 +332,12 @@ def to_hf(config: BertConfig, params: Mapping[str, Any], out_dir: str | os.PathL
     (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     (tmp / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     if tokenizer_path is not None:
+      from bert_jax import hf_tokenizer
       files.copy(tokenizer_path, tmp / files.path(tokenizer_path).name)
+      # ... and what transformers.AutoTokenizer needs to give the ids ours gives
+      for name, text in hf_tokenizer.files_for(
+          tokenizer_path, config.max_position_embeddings).items():
+        (tmp / name).write_text(text)
   return files.path(out_dir)
 
 

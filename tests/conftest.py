@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
   """../shared/data beside the checkout; tests that need it skip, saying why, without it."""
   if not SHARED_DATA.is_dir():

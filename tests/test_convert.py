@@ -351,3 +351,77 @@ def test_import_is_light():
   code = "import sys, bert_jax; sys.exit(any(m in sys.modules for m in ('torch', 'flax')))"
   assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
   assert bert_jax.load_hf is convert.load_hf
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+# Text the corpora rarely hold: punctuation runs, CJK next to Latin, characters the model does not
+# know (Korean, emoji), NFKC expansions (the ellipsis, ½, ligatures), odd whitespace.
+TRICKY = ["", " ", "Hello, world!", "  spaced   out  ", "(a)(b) [c] {d}", "tab\tand\nnewline",
+          "中文和English混合。", "他说：“你好……”", "《战国无双3》（）", "백악봉 and 😀 emoji",
+          "½ cup, ﬁne ①", "\u3000ideographic\u00a0space", "a\x01b", "...!?", "x...y"]
+
+
+def _sample_lines(path: pathlib.Path, n: int) -> list[str]:
+  lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  return lines[:: max(1, len(lines) // n)][:n]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_export(shared_data, loaded, tmp_path_factory):
+  """A BPE SentencePiece model trained on English and Chinese Wikipedia sentences, exported with a
+  model by `convert to-hf`; and the texts to compare on."""
+  from bert_jax import tokenizer
+  corpus = shared_data / "corpus"
+  texts = [corpus / "en" / "en_wiki_squad11dev_contexts.sentences.txt",
+           corpus / "zh" / "zh_hans_wiki_cmrc2018_contexts.sentences.txt"]
+  d = tmp_path_factory.mktemp("sp_export")
+  # Coverage below 1: rare Chinese characters stay unknown ([UNK]), a case to compare too.
+  model = tokenizer.train_sentencepiece(texts, 3000, d / "tokenizer", character_coverage=0.99,
+                                        input_sentence_size=40_000)
+  config, params = loaded
+  out = convert.to_hf(config, params, d / "hf", tokenizer_path=model)
+  lines = [line for t in texts for line in _sample_lines(t, 1500)] + TRICKY
+  return tokenizer.load(model), out, lines
+
+
+def test_a_sentencepiece_export_opens_with_autotokenizer_and_gives_our_ids(sentencepiece_export):
+  _, transformers = _hf()
+  ours, out, lines = sentencepiece_export
+  hf = transformers.AutoTokenizer.from_pretrained(out)
+  differ = [t for t in lines if hf(t, add_special_tokens=False)["input_ids"] != ours.encode(t)]
+  assert not differ, f"{len(differ)} of {len(lines)} texts differ, e.g. {differ[:3]}"
+  a, b = "The first sentence.", "第二句话。"
+  pair = hf(a, b)
+  assert pair["input_ids"] == [ours.cls_id, *ours.encode(a), ours.sep_id, *ours.encode(b),
+                               ours.sep_id]
+  assert pair["token_type_ids"] == [0] * (len(ours.encode(a)) + 2) + [1] * (len(ours.encode(b)) + 1)
+  assert hf.mask_token_id == ours.mask_id and hf.pad_token_id == ours.pad_id
+
+
+def test_a_cased_wordpiece_export_is_not_lower_cased(loaded, tmp_path):
+  """BertTokenizerFast lower-cases unless told: the export says what the vocabulary is."""
+  _, transformers = _hf()
+  from bert_jax import tokenizer
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "hello",
+                              "World", "world", ",", "!"]) + "\n")
+  config, params = loaded
+  out = convert.to_hf(config, params, tmp_path / "hf", tokenizer_path=vocab)
+  hf = transformers.AutoTokenizer.from_pretrained(out)
+  ours = tokenizer.load(vocab)
+  for text in ("Hello, World!", "hello, world!"):
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+  assert ours.encode("Hello") != ours.encode("hello")
+
+
+def test_a_unigram_export_keeps_the_model_and_says_autotokenizer_cannot(loaded, tmp_path, caplog):
+  from bert_jax import tokenizer
+  text = tmp_path / "t.txt"
+  text.write_text("\n".join(f"line {i} of some text, with words." for i in range(300)) + "\n")
+  model = tokenizer.train_sentencepiece([text], 40, tmp_path / "uni", model_type="unigram")
+  config, params = loaded
+  with caplog.at_level(logging.WARNING):
+    out = convert.to_hf(config, params, tmp_path / "hf", tokenizer_path=model)
+  assert (out / "uni.model").is_file() and not (out / "tokenizer.json").exists()
+  assert "unigram" in caplog.text and "AutoTokenizer" in caplog.text
