@@ -6,7 +6,7 @@ pretraining workdir of ours, an exported model directory or a Hugging Face BERT 
 
 Installed, the same command is `bert-jax-finetune`."""
 
-from bert_jax import cli
+from bert_jax import commands
 
 if __name__ == "__main__":
-  cli.finetune_command()
+  commands.finetune_command()

@@ -3,7 +3,7 @@ bundled corpus in ./workdir/pretrain_tiny. See configs/pretrain.py for every opt
 
 Installed, the same command is `bert-jax-pretrain`."""
 
-from bert_jax import cli
+from bert_jax import commands
 
 if __name__ == "__main__":
-  cli.pretrain_command()
+  commands.pretrain_command()
