@@ -37,7 +37,8 @@ PRETRAIN_POINTS = [
     pytest.param("checkpoint.before_save@1", marks=slow),
     "checkpoint.save_started@1",  # the middle of the asynchronous write of step 2
     pytest.param("trainer.after_save@1", marks=slow),
-    "trainer.final_step",  # after the last step, before the final evaluation and save
+    pytest.param("trainer.final_step", marks=slow),  # after the last step, before the final
+    # evaluation and save
     pytest.param("trainer.after_eval", marks=slow),  # evaluated, the final save not started
     pytest.param("checkpoint.save_started@2", marks=slow),  # during the final write
     pytest.param("pretrain.after_fit", marks=slow),  # the final write may be under way
@@ -55,7 +56,8 @@ FINETUNE_POINTS = [
     pytest.param("trainer.after_eval@1", marks=slow),  # epoch 1 evaluated and exported, not saved
     pytest.param("checkpoint.save_started@3", marks=slow),  # mid-write of step 6
     pytest.param("trainer.final_step", marks=slow),  # after the last step, before its evaluation
-    "trainer.after_eval@2",  # the final evaluation done, the final save not started
+    pytest.param("trainer.after_eval@2", marks=slow),  # the final evaluation done, the final
+    # save not started
     pytest.param("checkpoint.save_started@4", marks=slow),  # during the final write
     pytest.param("finetune.after_fit", marks=slow),  # before the predictions are written
 ]

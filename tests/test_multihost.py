@@ -120,6 +120,7 @@ def _kill_during_a_save(config, workdir) -> int | None:
   return None if (ckpts / str(step)).exists() else step
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py kills a run in the middle of a write
 def test_kill_during_an_async_save_resumes_from_the_step_before(prepared, tmp_path):
   config = runs.pretrain_config(prepared, **{"train.steps": 40, "train.checkpoint_every": 10})
   runs.run("pretrain", config, tmp_path / "straight", devices=1)

@@ -199,7 +199,7 @@ def shard_small_arrays(monkeypatch):
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
+@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow), (2, 4)])
 def test_packing_on_one_device_equals_packing_on_eight(data, fsdp, shard_small_arrays):
   batches = [padded_examples(10 + i, n=32) for i in range(3)]
   packers = [packing.BatchPacker(b) for b in batches]

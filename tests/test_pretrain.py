@@ -111,6 +111,7 @@ def test_phase_two_starts_from_phase_one(prepared, tmp_path, caplog):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py kills runs at several points and compares bitwise
 def test_resume_after_sigkill_is_exact(prepared, tmp_path):
   config = _config(prepared, **{"train.steps": 40, "train.checkpoint_every": 5})
   _run(config, tmp_path / "straight")
@@ -137,6 +138,7 @@ def test_resume_after_sigkill_is_exact(prepared, tmp_path):
   assert resumed == reference  # bitwise: floats parsed from the same printed digits
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py damages steps in every way on a small tree
 def test_truncated_newest_checkpoint_falls_back(prepared, tmp_path):
   _run(_config(prepared), tmp_path)  # checkpoints at 3 and 6
   newest = tmp_path / "checkpoints" / "6" / "state"
@@ -229,7 +231,7 @@ def _spawn_process(config, workdir, index, port):
   return _spawn(config, workdir, devices=2, env=env)
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
+@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_two_processes_match_one(prepared, tmp_path, fsdp):
   # fsdp=2: each process's two devices hold one sharded copy of the state.
   import portpicker

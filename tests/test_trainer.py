@@ -73,7 +73,8 @@ def _assert_close(a, b, atol=1e-5):
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
+@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
+                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4), (1, 8)])
 def test_every_mesh_equals_one_device(data, fsdp):
   # With dropout on: the step keys give the same masks whatever the mesh.
   losses1, params1 = cached_run(1, cfg=DROPOUT)
@@ -106,7 +107,7 @@ def test_fsdp_really_splits_the_state():
   assert kernel.addressable_shards[0].data.shape == (4, 4, 8)
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
+@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_gradient_accumulation_is_exact(fsdp):
   losses1, params1 = cached_run(8, fsdp, grad_accum=1)
   losses4, params4 = cached_run(8, fsdp, grad_accum=4)
