@@ -12,7 +12,7 @@ import pytest
 from bert_jax import tokenizer
 from bert_jax.data import pretraining
 from bert_jax.data.errors import DataError
-from bert_jax.data.loader import PretrainingLoader, instance_generators
+from bert_jax.data.loader import PretrainingLoader
 
 
 def _load_split(data_dir, split="train"):
@@ -255,9 +255,34 @@ def test_command_line(small, tmp_path):
 # ----------------------------------------------------------------------------- vectorised masking
 
 
-def _reference_mask_tokens(tokens, spec, rng):
-  """The per-row masking that mask_batch replaced, kept as the reference (bert_jax before the
-  vectorised loader): its masks are the ones to reproduce bit for bit."""
+# The masking stream written out with Python integers, row by row: the reference mask_batch and
+# masking_keys must reproduce bit for bit (splitmix64, Steele, Lea and Flood 2014).
+M64, GOLDEN = 2**64 - 1, 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+  return z ^ (z >> 31)
+
+
+def _reference_key(*parts: int) -> int:
+  key = 0
+  for p in parts:
+    key = _mix(key ^ _mix((p + GOLDEN) & M64))
+  return key
+
+
+def _draw(key: int, counter: int) -> int:
+  return _mix((key + (counter + 1) * GOLDEN) & M64)
+
+
+def _uniform(bits: int) -> float:
+  return (bits >> 11) * 2.0**-53
+
+
+def _reference_mask_tokens(tokens, spec, key, t):
+  """One row of length len(tokens), padded to t, masked as mask_batch's docstring says."""
   n = len(tokens)
   candidates = np.flatnonzero(~spec.special[tokens])
   if spec.whole_word and candidates.size:
@@ -266,7 +291,7 @@ def _reference_mask_tokens(tokens, spec, rng):
     groups = np.split(candidates, np.flatnonzero(starts)[1:])
   else:
     groups = [candidates[i:i + 1] for i in range(candidates.size)]
-  order = rng.permutation(len(groups))
+  order = sorted(range(len(groups)), key=lambda g: _draw(key, g))
   num_to_predict = min(spec.max_predictions, max(1, int(round(n * spec.masked_lm_prob))))
   chosen = []
   for g in order:
@@ -278,18 +303,16 @@ def _reference_mask_tokens(tokens, spec, rng):
   positions = np.sort(np.asarray(chosen, np.int64))
   labels = tokens[positions]
   out = tokens.copy()
-  u = rng.random((positions.size, 2))
-  replace = np.where(u[:, 0] < 0.8, spec.mask_id,
-                     np.where(u[:, 1] < 0.5, labels,
-                              spec.normal_ids[rng.integers(0, spec.normal_ids.size,
-                                                           positions.size)]))
-  out[positions] = replace
+  for p, label in zip(positions.tolist(), labels.tolist(), strict=True):
+    u0, u1, u2 = (_uniform(_draw(key, t + 3 * p + j)) for j in range(3))
+    out[p] = (spec.mask_id if u0 < 0.8 else label if u1 < 0.5
+              else spec.normal_ids[int(u2 * spec.normal_ids.size)])
   return out, positions, labels
 
 
-def _reference_masked_features(input_ids, length, spec, rng, pad_id):
+def _reference_masked_features(input_ids, length, spec, key, pad_id):
   tokens, positions, labels = _reference_mask_tokens(
-      np.asarray(input_ids[:length], np.int64), spec, rng)
+      np.asarray(input_ids[:length], np.int64), spec, int(key), len(input_ids))
   p = spec.max_predictions
   ids = np.full(len(input_ids), pad_id, np.int32)
   ids[:length] = tokens
@@ -299,6 +322,12 @@ def _reference_masked_features(input_ids, length, spec, rng, pad_id):
   f["masked_lm_ids"][:positions.size] = labels
   f["masked_lm_weights"][:positions.size] = 1.0
   return f
+
+
+def _reference_static_features(input_ids, length, spec, rng, pad_id):
+  """Data creation keys each instance by one draw of its creation stream."""
+  key = int(rng.integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True))
+  return _reference_masked_features(input_ids, length, spec, key, pad_id)
 
 
 def _assert_same_features(got, want):
@@ -319,11 +348,10 @@ def test_mask_batch_equals_the_per_row_reference_on_odd_rows(whole_word):
   ids[:8] = rng.integers(0, 5, (8, t))  # no candidates
   lengths = rng.integers(1, t + 1, 64)
   lengths[8:12] = [1, 2, 3, t]
-  seeds = [[9, row] for row in range(64)]
-  got = pretraining.mask_batch(ids, lengths, spec, [np.random.default_rng(s) for s in seeds], 0)
+  keys = pretraining.masking_keys(9, np.arange(64))
+  got = pretraining.mask_batch(ids, lengths, spec, keys, 0)
   for row in range(64):
-    want = _reference_masked_features(ids[row], int(lengths[row]), spec,
-                                      np.random.default_rng(seeds[row]), 0)
+    want = _reference_masked_features(ids[row], int(lengths[row]), spec, keys[row], 0)
     _assert_same_features({k: v[row] for k, v in got.items()}, want)
 
 
@@ -349,7 +377,7 @@ def test_loader_masks_equal_the_per_row_reference(small, whole_word):
         epoch = (b * 48 + j) // n
         want = _reference_masked_features(
             rows["input_ids"][j], int(rows["input_mask"][j].sum()), loader.masking,
-            np.random.default_rng([seed, epoch, int(index)]), loader.pad_id)
+            _reference_key(seed, epoch, int(index)), loader.pad_id)
         _assert_same_features({k: got[k][j] for k in want},
                               {k: v.astype(got[k].dtype) for k, v in want.items()})
 
@@ -359,7 +387,7 @@ def test_static_masks_equal_the_per_row_reference(small, monkeypatch):
   kw = dict(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, seed=4, workers=1,
             whole_word_mask=True)
   pretraining.create_pretraining_data([corpus], tok, d / "static_new", **kw)
-  monkeypatch.setattr(pretraining, "masked_features", _reference_masked_features)
+  monkeypatch.setattr(pretraining, "masked_features", _reference_static_features)
   pretraining.create_pretraining_data([corpus], tok, d / "static_ref", **kw)
   files = sorted(p.name for p in (d / "static_ref").glob("*.npy"))
   assert files
@@ -367,9 +395,11 @@ def test_static_masks_equal_the_per_row_reference(small, monkeypatch):
     assert (d / "static_new" / name).read_bytes() == (d / "static_ref" / name).read_bytes(), name
 
 
-def test_instance_generators_are_default_rng_of_seed_epoch_index():
-  for seed in (0, 3, 2**40 + 1):  # past 32 bits: built from the list itself
+def test_masking_keys_fold_seed_epoch_and_index():
+  for seed in (0, 3, 2**40 + 1, -1):
     epochs, indices = np.array([0, 1, 5]), np.array([7, 0, 2**31])
-    got = instance_generators(seed, epochs, indices)
-    for g, e, i in zip(got, epochs.tolist(), indices.tolist(), strict=True):
-      assert g.bit_generator.state == np.random.default_rng([seed, e, i]).bit_generator.state
+    got = pretraining.masking_keys(seed, epochs, indices)
+    assert got.dtype == np.uint64
+    want = [_reference_key(seed, e, i) for e, i in zip(epochs.tolist(), indices.tolist(),
+                                                       strict=True)]
+    assert got.tolist() == want

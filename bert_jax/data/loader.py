@@ -7,10 +7,10 @@ on every process; a batch's indices are cheap, and process p reads only rows
 number of global batches consumed: saved in checkpoints, it resumes exactly. Batches are prepared
 ahead in grain's background threads.
 
-With dynamic masking (instances stored unmasked) each instance is masked here from a generator
-seeded by (seed, epoch, instance index): fresh masks each epoch, identical for any process count.
-Each row draws its own numbers; the choice of the masked tokens runs over the whole batch at once
-(pretraining.mask_batch).
+With dynamic masking (instances stored unmasked) each instance is masked here from a key of
+(seed, epoch, instance index): fresh masks each epoch, identical for any process count. The masks
+of a row come from a counter-based stream of its key alone, and the whole batch is masked at once
+(pretraining.mask_batch), with no Python loop over rows.
 """
 
 from __future__ import annotations
@@ -33,22 +33,6 @@ BATCH_DTYPES = {"input_ids": np.int32, "input_mask": np.int32, "segment_ids": np
                 "masked_lm_weights": np.float32, "next_sentence_labels": np.int32}
 # ... and of packed rows (bert_jax.packing), besides those.
 PACKED_DTYPES = {"position_ids": np.int32, "cls_positions": np.int32, "example_mask": np.float32}
-
-
-def instance_generators(seed: int, epochs: np.ndarray, indices: np.ndarray
-                        ) -> list[np.random.Generator]:
-  """The masking generator of each instance: `np.random.default_rng([seed, epoch, index])`,
-  built from uint32 keys when all fit in 32 bits (the same SeedSequence, at a third of the
-  cost: the generators, not the masking, are most of the loader's time)."""
-  epochs, indices = np.asarray(epochs, np.int64), np.asarray(indices, np.int64)
-  keys = [seed, *epochs.tolist(), *indices.tolist()]
-  if not 0 <= min(keys) <= max(keys) < 2**32:
-    return [np.random.default_rng([seed, e, i])
-            for e, i in zip(epochs.tolist(), indices.tolist(), strict=True)]
-  words = np.empty((len(indices), 3), np.uint32)
-  words[:, 0], words[:, 1], words[:, 2] = seed, epochs, indices
-  sequence, bits, generator = np.random.SeedSequence, np.random.PCG64, np.random.Generator
-  return [generator(bits(sequence(w))) for w in words]
 
 
 class Instances:
@@ -155,9 +139,9 @@ class PretrainingLoader:
     if self.dynamic:
       first = batch_index * self.global_batch_size + self.offset
       epochs = (first + np.arange(len(mine))) // self.instances.num_instances
-      rngs = instance_generators(self.seed, epochs, mine)
+      keys = pretraining.masking_keys(self.seed, epochs, mine)
       real = (rows["input_mask"] > 0).sum(1)  # packed rows number their instances
-      rows.update(pretraining.mask_batch(rows["input_ids"], real, self.masking, rngs,
+      rows.update(pretraining.mask_batch(rows["input_ids"], real, self.masking, keys,
                                          self.pad_id))
     return {k: np.ascontiguousarray(rows[k], dtype) for k, dtype in self.dtypes.items()}
 

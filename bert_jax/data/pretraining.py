@@ -95,8 +95,38 @@ class MaskingSpec:
                **options)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (2^64 / the golden ratio)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+  """splitmix64's output function on uint64 arrays (multiplications wrap)."""
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def masking_keys(*parts: int | np.ndarray) -> np.ndarray:
+  """One uint64 masking key per row from integer parts (scalars, or arrays [B] alike), e.g.
+  (seed, epoch, instance index): each part is folded in with splitmix64."""
+  parts = [np.atleast_1d(np.asarray(p, np.int64)).view(np.uint64) for p in parts]
+  key = np.zeros(np.broadcast_shapes(*(p.shape for p in parts)), np.uint64)
+  for p in parts:  # (arrays, not numpy scalars: their wrapping multiplications do not warn)
+    key = _mix(key ^ _mix(p + _GOLDEN))
+  return key
+
+
+def _stream(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+  """The counters-th outputs of splitmix64 seeded with each row's key: [B] x [B or 1, C]."""
+  return _mix(keys[:, None] + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+
+
+def _uniform(bits: np.ndarray) -> np.ndarray:
+  """Uniform floats in [0, 1) from the top 53 bits."""
+  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def mask_batch(input_ids: np.ndarray, lengths: np.ndarray, spec: MaskingSpec,
-               rngs: Sequence[np.random.Generator], pad_id: int) -> dict[str, np.ndarray]:
+               keys: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
   """Masks padded instances ([CLS] A [SEP] B [SEP], then padding), all rows at once.
 
   input_ids [B, T] and lengths [B] (real tokens) -> {"input_ids": [B, T] int32 masked, pad_id
@@ -104,11 +134,14 @@ def mask_batch(input_ids: np.ndarray, lengths: np.ndarray, spec: MaskingSpec,
   their original ids); "masked_lm_weights": [B, P] float32 (1 per prediction)}, P =
   spec.max_predictions, zeros after the row's predictions.
 
-  Row b's choices come from rngs[b] (one generator per row, not shared): a permutation of its
-  groups (candidate tokens, or whole words), then, for its k chosen tokens, uniforms [k, 2]
-  (80% [MASK] / 10% itself / 10% random) and k indices into spec.normal_ids. The groups are
-  taken in that order while they fit in round(length * masked_lm_prob) (at least 1, at most P);
-  that choice runs vectorised over the batch.
+  Row b's choices come from its key alone (keys[b], uint64; see masking_keys): the counter-based
+  stream x_c = splitmix64(keys[b], c). Its groups (candidate tokens, or whole words) are visited
+  in the order of x_0 ... x_{G-1} (a uniform permutation) and taken while they fit in
+  round(length * masked_lm_prob) (at least 1, at most P); the token at position p, if chosen,
+  becomes [MASK] when u(x_{T+3p}) < 0.8, else itself when u(x_{T+3p+1}) < 0.5, else
+  spec.normal_ids[floor(u(x_{T+3p+2}) * len(normal_ids))], u = the top 53 bits as a float in
+  [0, 1). A row's masks depend on nothing but its key and tokens, and all of it runs vectorised
+  over the batch.
   """
   n_rows, t = np.shape(input_ids)
   lengths = np.asarray(lengths, np.int64)
@@ -122,11 +155,10 @@ def mask_batch(input_ids: np.ndarray, lengths: np.ndarray, spec: MaskingSpec,
   base = np.arange(0, n_rows * (t + 1), t + 1)[:, None]
   group = np.where(cand, np.cumsum(start, axis=1, dtype=np.int32) - 1, t) + base
   sizes = np.bincount(group.ravel(), minlength=n_rows * (t + 1))
-  order = np.empty((n_rows, t), np.int64)
-  order[:] = np.arange(t)  # groups past num_groups are empty, left in place
-  for b, (rng, g) in enumerate(zip(rngs, num_groups.tolist(), strict=True)):
-    rng.shuffle(order[b, :g])  # = rng.permutation(g), without the copy
-  order += base
+  keys = np.asarray(keys, np.uint64)
+  sort_keys = _stream(keys, np.arange(t)[None])
+  sort_keys[np.arange(t) >= num_groups[:, None]] = np.iinfo(np.uint64).max  # empty: in place
+  order = np.argsort(sort_keys, axis=1, kind="stable") + base
   budget = np.minimum(spec.max_predictions,
                       np.maximum(1, np.rint(lengths * spec.masked_lm_prob))).astype(np.int64)
   taken = _take_while_fits(sizes.take(order), budget, num_groups)
@@ -136,10 +168,9 @@ def mask_batch(input_ids: np.ndarray, lengths: np.ndarray, spec: MaskingSpec,
   r = flat // t
   k = np.bincount(r, minlength=n_rows)
   slot = r * spec.max_predictions + np.arange(flat.size) - np.repeat(np.cumsum(k) - k, k)
-  k = k.tolist()
-  u = np.concatenate([rng.random((n, 2)) for rng, n in zip(rngs, k, strict=True)])
-  pick = np.concatenate([rng.integers(0, spec.normal_ids.size, n)
-                         for rng, n in zip(rngs, k, strict=True)])
+  draws = _uniform(_stream(keys[r], t + 3 * (flat % t)[:, None] + np.arange(3)[None]))
+  u = draws[:, :2]
+  pick = np.floor(draws[:, 2] * spec.normal_ids.size).astype(np.int64)
   labels = ids.ravel()[flat]
   ids.ravel()[flat] = np.where(u[:, 0] < 0.8, spec.mask_id,
                                np.where(u[:, 1] < 0.5, labels, spec.normal_ids[pick]))
@@ -182,8 +213,10 @@ def pad_instance(tokens: np.ndarray, segments: np.ndarray, is_random_next: bool,
 
 def masked_features(input_ids: np.ndarray, length: int, spec: MaskingSpec,
                     rng: np.random.Generator, pad_id: int) -> dict[str, np.ndarray]:
-  """The masked-LM features of one (padded) instance: mask_batch of one row."""
-  f = mask_batch(np.asarray(input_ids)[None], np.array([length]), spec, [rng], pad_id)
+  """The masked-LM features of one (padded) instance: mask_batch of one row, keyed by one draw
+  of `rng` (the creation stream)."""
+  key = rng.integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True)
+  f = mask_batch(np.asarray(input_ids)[None], np.array([length]), spec, np.array([key]), pad_id)
   return {k: v[0] for k, v in f.items()}
 
 
@@ -445,7 +478,7 @@ class _PackingWriter:
   """Packs instances into rows of several instances (bert_jax.packing) before a _ShardWriter:
   chunks of `chunk` instances in creation order, each packed best-fit decreasing into rows of
   at most `max_per_row` instances, then masked per row when masking is static (one generator
-  per row, seeded by (seed, split, chunk, row))."""
+  per row, keyed by (seed, split, chunk, row))."""
 
   def __init__(self, writer: _ShardWriter, max_seq_length: int, max_per_row: int,
                masking: MaskingSpec | None, pad_id: int, seed: tuple[int, ...], chunk: int):
@@ -471,8 +504,8 @@ class _PackingWriter:
                                                         "next_sentence_labels")},
                                 lengths, layout)
     if self.masking is not None:
-      rngs = [np.random.default_rng([*self.seed, self.chunks, r]) for r in range(layout.num_rows)]
-      f.update(mask_batch(f["input_ids"], (f["input_mask"] > 0).sum(1), self.masking, rngs,
+      keys = masking_keys(*self.seed, self.chunks, np.arange(layout.num_rows))
+      f.update(mask_batch(f["input_ids"], (f["input_mask"] > 0).sum(1), self.masking, keys,
                           self.pad_id))
     self.chunks += 1
     self.examples += len(lengths)
