@@ -133,7 +133,9 @@ def machine() -> dict[str, Any]:
       pass
   return {"cpu_model": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
           "accelerator": None if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
-          "versions": versions}
+          "versions": versions,
+          # glibc's malloc settings (the CLI turns on huge pages: cli.use_huge_pages)
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def published_peak(device_kind: str) -> float | None:
@@ -458,4 +460,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
   from bert_jax import cli
+  cli.use_huge_pages()
   cli.run(main)

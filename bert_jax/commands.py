@@ -8,6 +8,7 @@ from bert_jax import cli
 
 def pretrain_command() -> None:
   """bert-jax-pretrain: train.py."""
+  cli.use_huge_pages()
   from absl import app, flags
   config = cli.define_config_flag(
       "pretrain.py", "pretraining config file (configs/pretrain.py, optionally :VARIANT)")
@@ -23,6 +24,7 @@ def pretrain_command() -> None:
 
 def finetune_command() -> None:
   """bert-jax-finetune: finetune.py."""
+  cli.use_huge_pages()
   from absl import app, flags
   config = cli.define_config_flag(None, "task config (configs/classify.py or configs/squad.py)")
   workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and outputs")
@@ -61,5 +63,6 @@ def squad_eval_command() -> None:
 
 def bench_command() -> None:
   """bert-jax-bench: python -m bert_jax.bench."""
+  cli.use_huge_pages()
   from bert_jax import bench
   cli.run(bench.main)

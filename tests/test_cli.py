@@ -56,3 +56,28 @@ def test_console_commands_run_the_scripts_from_any_directory(tmp_path, command, 
   assert "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, out.stderr
+
+
+@pytest.mark.parametrize("env,want", [
+    ({}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),  # added to the user's, theirs kept
+    ({"BERT_JAX_HUGETLB": "0"}, "None"),  # the opt-out
+])
+def test_entry_points_run_with_huge_pages(tmp_path, env, want):
+  """cli.use_huge_pages re-executes the process with the tunable set (glibc reads it only at
+  start-up), the same arguments and pid, once."""
+  import os
+  code = ("import os, sys; from bert_jax import cli; print(os.getpid(), flush=True); "
+          "cli.use_huge_pages(); "
+          "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BERT_JAX_HUGETLB")}
+  out = subprocess.run([sys.executable, "-c", code, "a", "--b"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**base, **env})
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.split("\n")
+  first, last = lines[0], [line for line in lines if line][-1]
+  if want != "None":
+    assert lines.count(first) == 2  # printed before the re-execution and again after it
+  pid, tunables, argv = last.split(" ", 2)
+  assert pid == first and tunables == want and argv == "['a', '--b']"
