@@ -7,14 +7,18 @@
   from the model itself. Ours splits CJK characters and punctuation out before SentencePiece
   runs, and drops the lone "▁" SentencePiece puts before such a character (or an unknown one)
   when it has no "▁"-piece for it; the pipeline here does the same with the library's parts:
-    normalizer     the model's own (its precompiled character map), extra whitespace removed
-    pre-tokenizer  split on whitespace, each CJK/punctuation character apart, "▁" before each
+    normalizer     a space in front; spaces around each CJK/punctuation character; the model's
+                   own normaliser (its precompiled character map); runs of spaces made one, none
+                   at the end; the space before a character ours keeps bare (a split character
+                   without a "▁X" piece, an unknown one) turned into \x01, a word break without
+                   "▁" (the model's normaliser deletes control characters from the text itself)
+    pre-tokenizer  split at \x01 (removed), then at spaces, each word with its "▁" (Metaspace)
     model          BPE: the model's pieces, one merge per way of making a piece from two (ranked
-                   by the piece's score, as SentencePiece picks), then "▁" + X -> X for every
-                   such character X without a "▁X" piece and "▁" + [UNK] -> [UNK]
+                   by the piece's score, as SentencePiece picks), unknown runs as one [UNK]
   tests/test_convert.py checks the ids against ours on the shared English and Chinese corpora.
-  A unigram model has no such exact form (a unigram vocabulary cannot map two strings to one id):
-  its export keeps only tokenizer.model, with a warning.
+  Not for a unigram model: its Viterbi split may cut "▁X" in two where a "▁X" piece exists, and
+  ours then drops the "▁", which no normaliser can foresee; its export keeps only
+  tokenizer.model, with a warning.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from bert_jax import tokenizer as tok_lib
 
 log = logging.getLogger(__name__)
 
-_BPE, _UNIGRAM = 2, 1  # sentencepiece's ModelProto.TrainerSpec.ModelType
-_NORMAL, _UNKNOWN = 1, 2  # ModelProto.SentencePiece.Type
+_BPE = 2  # sentencepiece's ModelProto.TrainerSpec.ModelType
+_NORMAL = 1  # ModelProto.SentencePiece.Type
 
 
 def _special_tokens_map() -> dict[str, str]:
