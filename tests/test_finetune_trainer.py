@@ -54,6 +54,7 @@ def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypat
   assert best["accuracy"] == ref_best["accuracy"]
 
 
+@pytest.mark.slow  # CI: tests/test_trainer.py checks accumulation on the shared step
 def test_finetuning_gradient_accumulation_is_exact(model_dir, tmp_path):  # noqa: F811
   over = {"train.dropout": 0.0, "train.num_devices": 2}
   ref, _ = _finetune(model_dir, tmp_path, "one", **over)
