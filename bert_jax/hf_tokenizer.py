@@ -23,9 +23,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from bert_jax import tokenizer as tok_lib
@@ -74,22 +74,14 @@ def _merges(pieces: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
   return merges
 
 
-def _char_class(chars: set[str], negate: bool = False) -> str:
-  """A regex character class (Oniguruma, as `tokenizers` uses) of `chars`, in code point ranges."""
-  ranges: list[list[int]] = []
-  for o in sorted(map(ord, chars)):
-    if ranges and ranges[-1][1] == o - 1:
-      ranges[-1][1] = o
-    else:
-      ranges.append([o, o])
+def _char_class(ranges: Iterable[tuple[int, int]], negate: bool = False) -> str:
+  """A regex character class (Oniguruma, as `tokenizers` uses) of code point ranges."""
   body = "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges)
   return f"[{'^' if negate else ''}{body}]"
 
 
-@functools.cache
-def _split_chars() -> frozenset[str]:
-  """Every character ours splits out (CJK and punctuation)."""
-  return frozenset(chr(o) for o in range(0x110000) if tok_lib.is_split_char(chr(o)))
+def _chars_class(chars: set[str], negate: bool = False) -> str:
+  return _char_class(tok_lib.code_point_ranges(sorted(map(ord, chars))), negate)
 
 
 def sentencepiece_files(tok: tok_lib.SentencePieceTokenizer, max_length: int
@@ -108,8 +100,8 @@ def sentencepiece_files(tok: tok_lib.SentencePieceTokenizer, max_length: int
   normal = sorted((p for p in proto.pieces if p.type == _NORMAL), key=lambda p: -p.score)
   known = {p.piece for p in normal if len(p.piece) == 1} - {space}
   # Where ours keeps no "▁" in front: a split character without a "▁X" piece, an unknown one.
-  bare = {c for c in _split_chars() & known if space + c not in vocab}
-  split_class = _char_class(_split_chars())
+  bare = {c for c in known if tok_lib.is_split_char(c) and space + c not in vocab}
+  split_class = _char_class(tok_lib.split_ranges())
   # As ours: CJK characters and punctuation apart (before the model's normaliser runs), then
   # the model's normaliser (it deletes control characters, so \x01 marks our word breaks).
   # The space in front (SentencePiece's dummy prefix) comes first: the library mis-tracks an
@@ -122,7 +114,7 @@ def sentencepiece_files(tok: tok_lib.SentencePieceTokenizer, max_length: int
       # one space between words, none at the end
       normalizers.Replace(Regex(" +"), " "), normalizers.Replace(Regex(" $"), ""),
       # a word break without "▁" before a bare split character or an unknown one
-      normalizers.Replace(Regex(f" (?={_char_class(bare)}|{_char_class(known | {' '}, True)})"),
+      normalizers.Replace(Regex(f" (?={_chars_class(bare)}|{_chars_class(known | {' '}, True)})"),
                           "\x01")]
   hf = Tokenizer(models.BPE(vocab=vocab, merges=_merges([p.piece for p in normal], vocab),
                             unk_token=tok_lib.SPECIAL_TOKENS[1], fuse_unk=True))

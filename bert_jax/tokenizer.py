@@ -73,19 +73,29 @@ def is_split_char(ch: str) -> bool:
   return is_cjk(ch) or is_punctuation(ch)
 
 
+def code_point_ranges(code_points: Iterable[int]) -> list[tuple[int, int]]:
+  """Sorted code points -> the (first, last) of each run of consecutive ones."""
+  ranges: list[list[int]] = []
+  for o in code_points:
+    if ranges and ranges[-1][1] == o - 1:
+      ranges[-1][1] = o
+    else:
+      ranges.append([o, o])
+  return [(a, b) for a, b in ranges]
+
+
+@functools.cache
+def split_ranges() -> tuple[tuple[int, int], ...]:
+  """The code point ranges of the split characters (built once from the Unicode tables)."""
+  punctuation = code_point_ranges(o for o in range(0x110000) if is_punctuation(chr(o)))
+  return tuple(punctuation + list(CJK_RANGES))
+
+
 @functools.cache
 def _split_pattern() -> re.Pattern:
-  """A regex matching one split character (built once from the Unicode tables)."""
-  ranges: list[tuple[int, int]] = []
-  for o in range(0x110000):
-    if is_punctuation(chr(o)):
-      if ranges and ranges[-1][1] == o - 1:
-        ranges[-1] = (ranges[-1][0], o)
-      else:
-        ranges.append((o, o))
-  ranges += list(CJK_RANGES)
+  """A regex matching one split character."""
   parts = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
-                  for a, b in ranges)
+                  for a, b in split_ranges())
   return re.compile(f"([{parts}])")
 
 

@@ -477,8 +477,8 @@ class _ShardWriter:
 class _PackingWriter:
   """Packs instances into rows of several instances (bert_jax.packing) before a _ShardWriter:
   chunks of `chunk` instances in creation order, each packed best-fit decreasing into rows of
-  at most `max_per_row` instances, then masked per row when masking is static (one generator
-  per row, keyed by (seed, split, chunk, row))."""
+  at most `max_per_row` instances, then masked per row when masking is static (one masking
+  key per row, of (seed, split, chunk, row))."""
 
   def __init__(self, writer: _ShardWriter, max_seq_length: int, max_per_row: int,
                masking: MaskingSpec | None, pad_id: int, seed: tuple[int, ...], chunk: int):
