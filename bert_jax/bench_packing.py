@@ -3,13 +3,16 @@
   python -m bert_jax.bench_packing pretraining --seq_len 512 --variant tiny --batch_size 8
   python -m bert_jax.bench_packing classification --tokenizer tok.model \\
       --train_file train.tsv --eval_file dev.tsv --seeds 0,1,2 -- --config.train.learning_rate=1e-4
+  python -m bert_jax.bench_packing squad --tokenizer tok.model --max_seq_length 384 \\
+      --train_file train.json --eval_file dev.json --seeds 0 -- --config.train.epochs=1
 
 `pretraining` makes the data of the BERT recipe from a corpus (default: the bundled one) twice,
 padded and packed (`--pack`), then times the real train step on batches of each (same model,
 same rows x seq_len tokens per step) and reports real (non-padding) tokens per second.
-`classification` runs finetune.py with and without `data.packing` for each seed (the same
-examples per update, epochs and learning rate; arguments after `--` go to both) and reports the
-wall time of each run and the best dev accuracy. Every record names the machine.
+`classification` and `squad` run finetune.py with and without `data.packing` for each seed (the
+same examples per update, epochs and learning rate; arguments after `--` go to both) and report
+the wall time of each run and the best dev accuracy (SQuAD: F1 and exact match). Every record
+names the machine.
 """
 
 from __future__ import annotations
@@ -119,6 +122,9 @@ def bench_pretraining(a: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
+METRICS = {"classification": ("accuracy",), "squad": ("f1", "exact_match")}
+
+
 def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
               ) -> dict[str, Any]:
   workdir = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="bert_jax_packing_")) / (
@@ -126,7 +132,8 @@ def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
   if workdir.exists():
     import shutil
     shutil.rmtree(workdir)
-  flags = [f"--config={ROOT / 'configs' / 'classify.py'}", f"--workdir={workdir}",
+  config = "classify.py" if a.task == "classification" else "squad.py"
+  flags = [f"--config={ROOT / 'configs' / config}", f"--workdir={workdir}",
            f"--config.data.train_file={a.train_file}", f"--config.data.eval_file={a.eval_file}",
            f"--config.data.packing={packed}", f"--config.train.seed={seed}",
            f"--config.data.max_seq_length={a.max_seq_length}",
@@ -138,11 +145,11 @@ def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
                  capture_output=True, cwd=ROOT)
   wall = time.perf_counter() - start
   best = json.loads((workdir / "eval_results.json").read_text())
-  return {"seed": seed, "packed": packed, "wall_s": wall, "accuracy": best["accuracy"],
-          "best_step": best["step"]}
+  return {"seed": seed, "packed": packed, "wall_s": wall, "best_step": best["step"],
+          **{k: best[k] for k in METRICS[a.task]}}
 
 
-def bench_classification(a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+def bench_finetuning(a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
   from bert_jax import bench
   runs = []
   for seed in a.seeds:
@@ -151,12 +158,13 @@ def bench_classification(a: argparse.Namespace, extra: list[str]) -> dict[str, A
       print(json.dumps(runs[-1]), file=sys.stderr)
   side = lambda p: [r for r in runs if r["packed"] == p]  # noqa: E731
   mean = lambda rs, k: statistics.fmean(r[k] for r in rs)  # noqa: E731
-  result = {"bench": "packing/classification", **bench.machine(), "train_file": a.train_file,
+  result = {"bench": f"packing/{a.task}", **bench.machine(), "train_file": a.train_file,
             "max_seq_length": a.max_seq_length, "seeds": a.seeds, "args": extra, "runs": runs}
   for p, name in ((False, "padded"), (True, "packed")):
-    result[name] = {"wall_s": mean(side(p), "wall_s"), "accuracy": mean(side(p), "accuracy")}
+    result[name] = {k: mean(side(p), k) for k in ("wall_s", *METRICS[a.task])}
   result["wall_ratio"] = result["padded"]["wall_s"] / result["packed"]["wall_s"]
-  result["accuracy_difference"] = result["packed"]["accuracy"] - result["padded"]["accuracy"]
+  for k in METRICS[a.task]:
+    result[f"{k}_difference"] = result["packed"][k] - result["padded"][k]
   return result
 
 
@@ -181,20 +189,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   pre.add_argument("--corpus", default="", help="raw text (default: the bundled corpus)")
   pre.add_argument("--tokenizer", default="", help="default: train 8,000 pieces on the corpus")
   pre.add_argument("--workdir", default="", help="keeps the data between runs")
-  cls = sub.add_parser("classification")
-  cls.add_argument("--train_file", required=True)
-  cls.add_argument("--eval_file", required=True)
-  cls.add_argument("--tokenizer", default="")
-  cls.add_argument("--init_from", default="")
-  cls.add_argument("--max_seq_length", type=int, default=128)
-  cls.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-  cls.add_argument("--workdir", default="")
+  for task, seq_len in (("classification", 128), ("squad", 384)):
+    fine = sub.add_parser(task)
+    fine.add_argument("--train_file", required=True)
+    fine.add_argument("--eval_file", required=True)
+    fine.add_argument("--tokenizer", default="")
+    fine.add_argument("--init_from", default="")
+    fine.add_argument("--max_seq_length", type=int, default=seq_len)
+    fine.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
+                      default=[0, 1, 2])
+    fine.add_argument("--workdir", default="")
   a = p.parse_args(argv)
   if a.task == "pretraining":
     if a.batch_size < 1 or a.steps < 1 or a.repeats < 1 or a.seq_len < 5:
       p.error("--batch_size, --steps and --repeats must be >= 1, --seq_len >= 5")
     return bench_pretraining(a)
-  return bench_classification(a, extra)
+  return bench_finetuning(a, extra)
 
 
 if __name__ == "__main__":

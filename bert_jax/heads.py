@@ -135,13 +135,17 @@ class BertForSequenceClassification(nn.Module):
 
 
 class BertForQuestionAnswering(nn.Module):
-  """Encoder + span head. Returns {"start_logits": [B, T], "end_logits": [B, T]}."""
+  """Encoder + span head. Returns {"start_logits": [B, T], "end_logits": [B, T]}, per token
+  of the row also for packed rows (given position_ids and cls_positions [B, K]: the examples'
+  spans are told apart by the loss and the decoding, bert_jax.tasks)."""
 
   config: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array, *,
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+               position_ids: Array | None = None, cls_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
     out = BertModel(self.config, name="bert")(
-        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+        input_ids, token_type_ids, attention_mask, position_ids, cls_positions,
+        deterministic=deterministic)
     return SpanHead(self.config, name="span")(out["sequence_output"])

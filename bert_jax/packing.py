@@ -80,11 +80,12 @@ def pack(lengths: Sequence[int] | np.ndarray, row_length: int, max_per_row: int 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Where each example of a packed batch went: its row, slot and first position."""
+  """Where each example of a packed batch went: its row, slot, first position and length."""
 
-  row: np.ndarray    # [N] int
-  slot: np.ndarray   # [N] int
-  start: np.ndarray  # [N] int
+  row: np.ndarray     # [N] int
+  slot: np.ndarray    # [N] int
+  start: np.ndarray   # [N] int
+  length: np.ndarray  # [N] int
   num_rows: int
   max_per_row: int
 
@@ -92,11 +93,11 @@ class Layout:
   def of(cls, rows: list[list[int]], lengths: np.ndarray, num_rows: int | None = None,
          max_per_row: int | None = None) -> Layout:
     n = sum(len(r) for r in rows)
-    row, slot, start = (np.zeros(n, np.int64) for _ in range(3))
+    row, slot, start, length = (np.zeros(n, np.int64) for _ in range(4))
     for r, members in enumerate(rows):
       offset = 0
       for s, i in enumerate(members):
-        row[i], slot[i], start[i] = r, s, offset
+        row[i], slot[i], start[i], length[i] = r, s, offset, lengths[i]
         offset += int(lengths[i])
     widest = max((len(r) for r in rows), default=1)
     num_rows = len(rows) if num_rows is None else num_rows
@@ -104,11 +105,22 @@ class Layout:
     if len(rows) > num_rows or widest > max_per_row:
       raise ValueError(f"{len(rows)} rows of up to {widest} examples do not fit the packed "
                        f"shape [{num_rows}, {max_per_row}]")
-    return cls(row, slot, start, num_rows, max_per_row)
+    return cls(row, slot, start, length, num_rows, max_per_row)
 
   def gather(self, per_slot: np.ndarray) -> np.ndarray:
     """[R, K, ...] outputs of the packed batch -> [N, ...] per example, in example order."""
     return np.asarray(per_slot)[self.row, self.slot]
+
+  def unpack(self, per_token: np.ndarray, fill: float = 0) -> np.ndarray:
+    """[R, T, ...] per-token outputs of the packed batch -> [N, T, ...] as the padded batch
+    lays them out: each example's tokens from position 0, `fill` after its length."""
+    per_token = np.asarray(per_token)
+    t = per_token.shape[1]
+    pos = np.arange(t)[None, :]
+    real = pos < self.length[:, None]
+    tokens = per_token[self.row[:, None], np.where(real, self.start[:, None] + pos, 0)]
+    real = real.reshape(real.shape + (1,) * (per_token.ndim - 2))
+    return np.where(real, tokens, np.asarray(fill, per_token.dtype))
 
 
 def packed_features(features: dict[str, np.ndarray], lengths: np.ndarray, layout: Layout

@@ -22,7 +22,6 @@ import numpy as np
 
 from bert_jax import losses, packing, squad_eval, trainer
 from bert_jax.data import classification, squad
-from bert_jax.errors import ConfigError
 from bert_jax.heads import BertForQuestionAnswering, BertForSequenceClassification
 
 log = logging.getLogger(__name__)
@@ -83,6 +82,60 @@ def _inputs(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: features[k] for k in MODEL_INPUTS}
 
 
+NOT_A_CANDIDATE = -1e9  # the span logit of a token outside the window (padding, another example)
+
+
+def span_sums(outputs, batch) -> dict:
+  """The span loss, the mean of the start and end cross-entropies, and their accuracies, summed
+  over the windows. Each softmax runs over the window's own tokens: padding, and in a packed row
+  the other examples, are no candidates (BERT's and Hugging Face's softmax also spans the
+  padding, whose logits are never answers; leaving it out makes the loss independent of the
+  padding, so that packed and padded batches train alike). Padded: logits [B, T] and positions
+  [B]; packed: logits [B, T] over the row, positions [B, K] within each example."""
+  weights = example_weights(batch)
+  example_ids = batch["input_mask"]
+  if "cls_positions" in batch:
+    k = batch["cls_positions"].shape[-1]
+    own = example_ids[:, None, :] == jnp.arange(1, k + 1, dtype=example_ids.dtype)[:, None]
+    offset = batch["cls_positions"]
+    window = lambda x: jnp.where(own, x[:, None, :], NOT_A_CANDIDATE)  # noqa: E731  [B, K, T]
+  else:
+    own, offset = example_ids > 0, 0
+    window = lambda x: jnp.where(own, x, NOT_A_CANDIDATE)  # noqa: E731
+  sums = {"loss": 0.0}
+  for side in ("start", "end"):
+    logits, labels = window(outputs[f"{side}_logits"]), batch[f"{side}_positions"] + offset
+    sums["loss"] += losses.cross_entropy_sum(logits, labels, weights)[0] / 2
+    sums[f"{side}_accuracy"] = losses.accuracy_sum(logits, labels, weights)[0]
+  return {**sums, "count": jnp.sum(weights)}
+
+
+def span_objective(bert, seq_len: int, examples_per_row: int = 0) -> trainer.Objective:
+  """Reading comprehension (batches: input_ids, input_mask, segment_ids [B, T], start_positions
+  and end_positions [B]; packed: also position_ids [B, T], cls_positions, example_mask and the
+  positions [B, K], each within its example)."""
+  return _objective(BertForQuestionAnswering(bert), seq_len, span_sums, _means, examples_per_row)
+
+
+class _Sets:
+  """The evaluation and prediction sets of a task as the model sees them: padded rows, or with
+  data.packing packed ones (bert_jax.packing), whose layouts map the outputs back per example."""
+
+  def _setup_packing(self, d: ml_collections.ConfigDict) -> None:
+    self.packing = bool(d.get("packing", False))
+    self.max_examples_per_row = int(d.get("max_examples_per_row", 0))
+    if self.packing:
+      packing.check_examples_per_row("data.max_examples_per_row", self.max_examples_per_row,
+                                     d.max_seq_length)
+    self._layouts: dict[str, packing.Layout] = {}
+
+  def _rows(self, name: str, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not self.packing:
+      return _inputs(features)
+    rows, self._layouts[name] = packing.pack_all(_inputs(features), self.max_examples_per_row)
+    return rows
+
+
 def _column(value: Any) -> int | str | None:
   """A config column: "" -> None, digits -> 0-based index, else a header name / JSON key."""
   value = str(value).strip()
@@ -91,7 +144,7 @@ def _column(value: Any) -> int | str | None:
   return int(value) if value.isdigit() else value
 
 
-class ClassificationTask:
+class ClassificationTask(_Sets):
   """Single sentences or pairs, labels from the training file or given; regression."""
 
   def __init__(self, config: ml_collections.ConfigDict, tok):
@@ -114,12 +167,7 @@ class ClassificationTask:
                                         id_column=_column(d.get("id_column", "")))[0]
                              if d.get("predict_file") else None)
     self.default_metric = "pearson" if d.regression else "accuracy"
-    self.packing = bool(d.get("packing", False))
-    self.max_examples_per_row = int(d.get("max_examples_per_row", 0))
-    if self.packing:
-      packing.check_examples_per_row("data.max_examples_per_row", self.max_examples_per_row,
-                                     self.max_seq_length)
-    self._layouts: dict[str, packing.Layout] = {}
+    self._setup_packing(d)
     log.info("classification: %d training examples, labels %s", len(self.train_examples),
              self.labels or "(regression)")
 
@@ -141,14 +189,6 @@ class ClassificationTask:
   @functools.cached_property
   def _eval(self) -> dict[str, np.ndarray]:
     return self._features(self.eval_examples)
-
-  def _rows(self, name: str, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model's rows for an evaluation/prediction set: as they are, or packed (their
-    layout kept to map the outputs back with `_per_example`)."""
-    if not self.packing:
-      return _inputs(features)
-    rows, self._layouts[name] = packing.pack_all(_inputs(features), self.max_examples_per_row)
-    return rows
 
   def _per_example(self, name: str, logits) -> np.ndarray:
     layout = self._layouts.get(name)
@@ -188,7 +228,7 @@ class ClassificationTask:
     return {"predictions.json": rows}
 
 
-class SquadTask:
+class SquadTask(_Sets):
   """SQuAD v1.1 / v2.0: question + passage windows, start/end logits, n-best span decoding."""
 
   default_metric = "f1"
@@ -205,6 +245,7 @@ class SquadTask:
       raise squad.DataError(
           f"{d.eval_file}: {len(unanswered)} questions without answers (e.g. {unanswered[0]!r}) "
           "in a v1.1 file, which cannot be scored; mark them is_impossible in a v2.0 file")
+    self._setup_packing(d)
     counts = squad.answer_counts(self.train_examples)
     log.info("squad: %d training questions (%s)", len(self.train_examples), counts)
 
@@ -228,26 +269,18 @@ class SquadTask:
     return self._convert(self.eval_examples, False)
 
   def eval_features(self) -> dict[str, np.ndarray]:
-    return _inputs(self._eval[0])
+    return self._rows("eval", self._eval[0])
 
-  packing = False  # not packed (see the README: padding shares)
+  def _per_window(self, logits) -> np.ndarray:
+    """The evaluation windows' logits [F, T] (packed rows unpacked), padding no candidate: the
+    n best starts and ends of a window are its own tokens' whether packed or padded."""
+    layout = self._layouts.get("eval")
+    if layout is not None:
+      return layout.unpack(logits, NOT_A_CANDIDATE)
+    return np.where(self._eval[0]["input_mask"] > 0, logits, NOT_A_CANDIDATE)
 
   def objective(self, bert, examples_per_row: int = 0) -> trainer.Objective:
-    del examples_per_row
-    return _objective(BertForQuestionAnswering(bert), self.data.max_seq_length, self._sums,
-                      _means)
-
-  @staticmethod
-  def _sums(outputs, batch):
-    """The loss is the mean of the start and end cross-entropies."""
-    start, end = outputs["start_logits"], outputs["end_logits"]
-    ones = jnp.ones(batch["start_positions"].shape, jnp.float32)
-    ce = lambda logits, labels: losses.cross_entropy_sum(logits, labels, ones)[0]  # noqa: E731
-    acc = lambda logits, labels: losses.accuracy_sum(logits, labels, ones)[0]  # noqa: E731
-    return {"loss": (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / 2,
-            "start_accuracy": acc(start, batch["start_positions"]),
-            "end_accuracy": acc(end, batch["end_positions"]),
-            "count": jnp.float32(start.shape[0])}
+    return span_objective(bert, self.data.max_seq_length, examples_per_row)
 
   @property
   def metric_names(self) -> tuple[str, ...]:
@@ -261,8 +294,9 @@ class SquadTask:
 
   def evaluate(self, outputs) -> tuple[dict[str, float], dict[str, Any]]:
     d = self.data
-    decoded = squad_eval.decode(self.eval_examples, self._eval[1], outputs["start_logits"],
-                                outputs["end_logits"], n_best_size=d.n_best_size,
+    decoded = squad_eval.decode(self.eval_examples, self._eval[1],
+                                self._per_window(outputs["start_logits"]),
+                                self._per_window(outputs["end_logits"]), n_best_size=d.n_best_size,
                                 max_answer_length=d.max_answer_length, version_2=self.version_2,
                                 null_score_diff_threshold=d.null_score_diff_threshold)
     scores = squad_eval.evaluate(self.eval_json, decoded["predictions"],
@@ -283,7 +317,4 @@ def make(config: ml_collections.ConfigDict, tok):
     raise ValueError(f"task {config.task!r}: expected one of {sorted(TASKS)}")
   if not config.data.train_file:
     raise ValueError("data.train_file is required")
-  if config.data.get("packing", False) and config.task != "classification":
-    raise ConfigError(f"data.packing=True: packing is for classification, not {config.task} "
-                      "(span decoding over packed windows is not implemented)")
   return TASKS[config.task](config, tok)

@@ -28,8 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.labels = ""  # comma-separated label set; "" = inferred from the training file
   c.data.regression = False  # float labels, one output, mean-squared error
   c.data.max_seq_length = 128  # tokens per example, [CLS] A [SEP] (B [SEP]) + padding
-  c.data.packing = False  # pack several examples per row (same examples per update, less padding)
-  c.data.max_examples_per_row = 0  # cap on the examples of a packed row (0 = no cap)
   c.train.metric = ""  # picks the best checkpoint ("" = accuracy; pearson for regression)
 
   if arg == "tiny":

@@ -15,7 +15,9 @@ def base(task: str, epochs: int, learning_rate: float) -> ml_collections.ConfigD
   c.model.remat = "none"  # recompute in the backward pass: none, full, dots_saveable, ...
   c.model.scan_layers = False  # run the layers with nn.scan (compile time flat in depth)
   c.model.attention = "einsum"  # or "dot_product": fused (cuDNN on GPU), needs no attention dropout
-  c.data = ml_collections.ConfigDict()  # filled by the task's config
+  c.data = ml_collections.ConfigDict()  # filled by the task's config, besides:
+  c.data.packing = False  # pack several examples per row (same examples per update, less padding)
+  c.data.max_examples_per_row = 0  # cap on the examples of a packed row (0 = no cap)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global batch

@@ -4,11 +4,12 @@ pretraining runs, and checkpoints that move between packed and padded runs."""
 
 import functools
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
-from test_finetune import _classify_config, model_dir  # noqa: F401 - model_dir: fixture
+from test_finetune import _classify_config, _squad_json, model_dir  # noqa: F401 - a fixture
 from test_pretrain import _config, prepared  # noqa: F401 - prepared: fixture
 
 from bert_jax import optim, packing, sharding, tasks, trainer
@@ -136,6 +137,38 @@ def _grads(objective: trainer.Objective, p, batch):
   return jax.jit(jax.grad(lambda p, b: _loss_with(objective, p, b)))(p, batch)
 
 
+def test_packed_squad_equals_padded_logits_loss_and_gradients():
+  f = padded_examples(5)
+  f.pop("label")
+  rng = np.random.default_rng(5)
+  lengths = f["input_mask"].sum(1)
+  f["start_positions"] = rng.integers(0, lengths).astype(np.int32)
+  f["end_positions"] = np.minimum(f["start_positions"] + rng.integers(0, 3, N),
+                                  lengths - 1).astype(np.int32)
+  rows, layout = _packed(f)
+  padded, packed = tasks.span_objective(CFG, T), tasks.span_objective(CFG, T, layout.max_per_row)
+  p = padded.init_params(jax.random.PRNGKey(2))
+  out_a = jax.jit(functools.partial(padded.apply, deterministic=True))(p, f)
+  out_b = jax.jit(functools.partial(packed.apply, deterministic=True))(p, rows)
+  real = f["input_mask"] > 0
+  for side in ("start_logits", "end_logits"):
+    got = layout.unpack(out_b[side], tasks.NOT_A_CANDIDATE)
+    np.testing.assert_allclose(got, np.where(real, out_a[side], tasks.NOT_A_CANDIDATE),
+                               atol=1e-5, rtol=0)
+  sums_a, sums_b = padded.sums(out_a, f), packed.sums(out_b, rows)
+  for k in ("loss", "start_accuracy", "end_accuracy", "count"):
+    np.testing.assert_allclose(sums_b[k], sums_a[k], rtol=1e-6)
+  assert float(sums_b["count"]) == N
+  # The padding is no candidate: the loss is that of the windows' own tokens.
+  own = np.where(real, out_a["start_logits"], -np.inf)
+  lse = np.log(np.exp(own - own.max(1, keepdims=True)).sum(1)) + own.max(1)
+  start_nll = lse - own[np.arange(N), f["start_positions"]]
+  assert float(sums_a["loss"]) > 0.5 * start_nll.sum()
+  grads = [_grads(o, p, b) for o, b in ((padded, f), (packed, rows))]
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0),
+                         *grads)
+
+
 def test_changing_one_example_leaves_the_others_bitwise_unchanged(params):
   f = padded_examples(2)
   rows, layout = _packed(f)
@@ -257,17 +290,35 @@ def test_packed_finetuning_equals_padded_finetuning(model_dir, tmp_path, caplog)
   assert packed["accuracy"] == padded["accuracy"] and packed["step"] == padded["step"]
 
 
-def test_packing_is_refused_for_squad(model_dir, tmp_path):  # noqa: F811
+def test_packed_squad_finetuning_equals_padded_finetuning(model_dir, tmp_path, caplog):  # noqa: F811
   from bert_jax import finetune
-  from bert_jax.errors import ConfigError
   from configs import squad
-  c = squad.get_config("tiny")
-  c.init_from, c.data.train_file = str(model_dir), str(tmp_path / "train.json")
-  (tmp_path / "train.json").write_text('{"version": "1.1", "data": []}')
-  c.data.packing = True
-  with pytest.raises(ConfigError, match="data.packing=True: packing is for classification"):
-    finetune.main(c, tmp_path / "run")
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  data = _squad_json(tmp_path / "squad.json", "v2.0", impossible=True)
+
+  def run(name, **over):
+    c = squad.get_config("tiny")
+    c.init_from, c.data.train_file = str(model_dir), str(data)
+    c.data.eval_file = c.data.train_file
+    c.train.update(progress_bar=False, num_devices=1, dropout=0.0, epochs=2, max_steps=0,
+                   log_every=1, batch_size=4, learning_rate=1e-3)
+    c.data.update(max_seq_length=256, **over)  # windows of ~67 tokens: several per row
+    return finetune.main(c, tmp_path / name), tmp_path / name
+
+  padded, padded_dir = run("padded")
+  with caplog.at_level("INFO", logger="bert_jax.finetune"):
+    packed, packed_dir = run("packed", packing=True)
+  assert re.search(r"packing: 4 examples per update in [12] rows of 256", caplog.text)
+  losses = _train_losses(packed_dir)
+  assert len(losses) == 6 and losses[0] != losses[-1]
+  np.testing.assert_allclose(losses, _train_losses(padded_dir), rtol=2e-5)
+  for name in ("predictions.json", "null_odds.json"):
+    a, b = (json.loads((d / name).read_text()) for d in (padded_dir, packed_dir))
+    assert a.keys() == b.keys()
+    if name == "predictions.json":
+      assert a == b
+    else:
+      np.testing.assert_allclose([b[k] for k in a], list(a.values()), atol=1e-4)
+  assert packed == pytest.approx(padded, abs=1e-9)
 
 
 @pytest.fixture(scope="module")
