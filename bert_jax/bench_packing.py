@@ -27,8 +27,6 @@ import tempfile
 import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _pretraining_worker(data_dir: str, variant: str, batch_size: int, steps: int,
                         warmup: int) -> dict[str, Any]:
@@ -75,7 +73,7 @@ def _pretraining_worker(data_dir: str, variant: str, batch_size: int, steps: int
 
 def _spawn(args: list[str]) -> dict[str, Any]:
   out = subprocess.run([sys.executable, "-m", "bert_jax.bench_packing", *args], check=True,
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -132,8 +130,10 @@ def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
   if workdir.exists():
     import shutil
     shutil.rmtree(workdir)
-  config = "classify.py" if a.task == "classification" else "squad.py"
-  flags = [f"--config={ROOT / 'configs' / config}", f"--workdir={workdir}",
+  from bert_jax import cli
+  config = pathlib.Path(cli.configs_dir()) / ("classify.py" if a.task == "classification"
+                                              else "squad.py")
+  flags = [f"--config={config}", f"--workdir={workdir}",
            f"--config.data.train_file={a.train_file}", f"--config.data.eval_file={a.eval_file}",
            f"--config.data.packing={packed}", f"--config.train.seed={seed}",
            f"--config.data.max_seq_length={a.max_seq_length}",
@@ -141,8 +141,10 @@ def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
   flags += [f"--config.tokenizer={a.tokenizer}"] if a.tokenizer else []
   flags += [f"--config.init_from={a.init_from}"] if a.init_from else []
   start = time.perf_counter()
-  subprocess.run([sys.executable, str(ROOT / "finetune.py"), *flags, *extra], check=True,
-                 capture_output=True, cwd=ROOT)
+  # bert-jax-finetune (finetune.py), found in a checkout and in an installed wheel alike
+  command = "from bert_jax.commands import finetune_command; finetune_command()"
+  subprocess.run([sys.executable, "-c", command, *flags, *extra], check=True,
+                 capture_output=True)  # in this directory: relative data paths stay valid
   wall = time.perf_counter() - start
   best = json.loads((workdir / "eval_results.json").read_text())
   return {"seed": seed, "packed": packed, "wall_s": wall, "best_step": best["step"],
