@@ -111,32 +111,33 @@ class Layout:
     """[R, K, ...] outputs of the packed batch -> [N, ...] per example, in example order."""
     return np.asarray(per_slot)[self.row, self.slot]
 
+  def token_map(self, row_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every real token of the packed batch, in example order: its example, its position within
+    the example, and its index in the packed batch's [num_rows * row_length] flat tokens."""
+    owner = np.repeat(np.arange(self.length.size), self.length)
+    pos = np.arange(owner.size) - np.repeat(np.cumsum(self.length) - self.length, self.length)
+    return owner, pos, self.row[owner] * row_length + self.start[owner] + pos
+
   def unpack(self, per_token: np.ndarray, fill: float = 0) -> np.ndarray:
     """[R, T, ...] per-token outputs of the packed batch -> [N, T, ...] as the padded batch
     lays them out: each example's tokens from position 0, `fill` after its length."""
     per_token = np.asarray(per_token)
-    t = per_token.shape[1]
-    pos = np.arange(t)[None, :]
-    real = pos < self.length[:, None]
-    tokens = per_token[self.row[:, None], np.where(real, self.start[:, None] + pos, 0)]
-    real = real.reshape(real.shape + (1,) * (per_token.ndim - 2))
-    return np.where(real, tokens, np.asarray(fill, per_token.dtype))
+    r, t, *rest = per_token.shape
+    owner, pos, flat = self.token_map(t)
+    out = np.full((self.length.size, t, *rest), fill, per_token.dtype)
+    out[owner, pos] = per_token.reshape(r * t, *rest)[flat]
+    return out
 
 
-def packed_features(features: dict[str, np.ndarray], lengths: np.ndarray, layout: Layout
-                    ) -> dict[str, np.ndarray]:
+def packed_features(features: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
   """Padded features of N examples -> one packed batch laid out by `layout`.
 
-  Keys of shape [N, T] (tokens; each example's first `lengths[i]` positions are real) are moved
-  into the rows; keys of shape [N] (labels) go into their example's slot. `input_mask` becomes
-  the example numbers; position_ids, cls_positions and example_mask are added."""
+  Keys of shape [N, T] (tokens; each example's first `layout.length[i]` positions are real) are
+  moved into the rows; keys of shape [N] (labels) go into their example's slot. `input_mask`
+  becomes the example numbers; position_ids, cls_positions and example_mask are added."""
   n, t = features["input_ids"].shape
   r, k = layout.num_rows, layout.max_per_row
-  lengths = np.asarray(lengths, np.int64)
-  # Token i of the packed batch: example `owner`, position `pos` within it.
-  owner = np.repeat(np.arange(n), lengths)
-  pos = np.arange(owner.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-  flat = layout.row[owner] * t + layout.start[owner] + pos
+  owner, pos, flat = layout.token_map(t)
   out: dict[str, np.ndarray] = {}
   for key, value in features.items():
     value = np.asarray(value)
@@ -207,7 +208,7 @@ class BatchPacker:
     lengths = self.lengths[examples]
     layout = Layout.of(pack(lengths, self.row_length, self.cap), lengths, self.num_rows,
                        self.max_per_row)
-    return packed_features({k: v[examples] for k, v in self.features.items()}, lengths, layout)
+    return packed_features({k: v[examples] for k, v in self.features.items()}, layout)
 
 
 def pack_all(features: dict[str, np.ndarray], max_per_row: int = 0
@@ -217,4 +218,4 @@ def pack_all(features: dict[str, np.ndarray], max_per_row: int = 0
   lengths = np.asarray(features["input_mask"]).sum(1)
   rows = pack(lengths, int(features["input_mask"].shape[1]), max_per_row)
   layout = Layout.of(rows, lengths)
-  return packed_features(features, lengths, layout), layout
+  return packed_features(features, layout), layout

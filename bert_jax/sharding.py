@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bert_jax.errors import ConfigError
+from bert_jax.model import LAYERS  # a scanned encoder's stacked layers: encoder/layers/...
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device
 MIN_SHARDED_SIZE = 2**14  # smaller arrays (biases, LayerNorm) stay replicated
-SCANNED_LAYERS = "layers"  # the parameter name that holds a scanned encoder's stacked layers
 
 def _cluster_detected() -> bool:
   """Whether jax's own cluster detection (the one jax.distributed.initialize() runs without
@@ -104,7 +104,7 @@ def array_spec(path, shape: tuple[int, ...], fsdp: int) -> P:
   """The PartitionSpec of one parameter-shaped array under the rule of the module docstring."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
     return P()
-  first = 1 if SCANNED_LAYERS in _names(path) else 0
+  first = 1 if LAYERS in _names(path) else 0
   candidates = [i for i in range(first, len(shape)) if shape[i] % fsdp == 0]
   if not candidates:
     return P()

@@ -20,3 +20,10 @@ def shared_data() -> pathlib.Path:
     pytest.skip(f"shared data sets not found at {SHARED_DATA} (they live beside the checkout "
                 "as ../shared/data on the developers' machines and in CI)")
   return SHARED_DATA
+
+
+@pytest.fixture
+def shard_small_arrays(monkeypatch):
+  """Shard every array the fsdp width divides, so that the tiny test models really are split."""
+  from bert_jax import sharding
+  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)

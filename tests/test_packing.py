@@ -66,7 +66,7 @@ def test_packed_features_restart_positions_and_number_the_examples():
   f = padded_examples(0, n=3)
   lengths = f["input_mask"].sum(1)
   layout = packing.Layout.of([[0, 1], [2]], lengths, max_per_row=3)
-  p = packing.packed_features(f, lengths, layout)
+  p = packing.packed_features(f, layout)
   a, b = lengths[:2]
   np.testing.assert_array_equal(p["input_ids"][0, :a + b],
                                 np.concatenate([f["input_ids"][0, :a], f["input_ids"][1, :b]]))
@@ -225,11 +225,6 @@ def test_packed_pretraining_equals_padded(params):
   grads = [_grads(o, p, batch) for o, batch in ((a, padded), (b, packed))]
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0),
                          *grads)
-
-
-@pytest.fixture
-def shard_small_arrays(monkeypatch):
-  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)
 
 
 @pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow), (2, 4)])

@@ -13,6 +13,8 @@ from bert_jax.config import BertConfig, get_variant
 from bert_jax.heads import BertForPreTraining
 from bert_jax.pretrain import pretraining_objective
 
+pytestmark = pytest.mark.usefixtures("shard_small_arrays")  # the tiny model really is split
+
 CFG = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
                  max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
 DROPOUT = CFG.replace(hidden_dropout=0.1, attention_dropout=0.1)
@@ -47,12 +49,6 @@ def _setup(num_devices, fsdp, grad_accum, cfg):
   step = trainer.jit_train_step(mesh, trainer.shardings_of(state), objective=objective, tx=_TX,
                                 schedule=_SCHEDULE, grad_accum=grad_accum)
   return mesh, state, step
-
-
-@pytest.fixture(autouse=True)
-def shard_small_arrays(monkeypatch):
-  """Shard every array the fsdp width divides, so that the tiny model really is split."""
-  monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)
 
 
 def run(num_devices: int, fsdp: int = 1, grad_accum: int = 1, steps: int = 5,

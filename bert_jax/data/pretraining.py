@@ -502,7 +502,7 @@ class _PackingWriter:
                                max_per_row=self.k)
     f = packing.packed_features({k: merged[k] for k in ("input_ids", "segment_ids",
                                                         "next_sentence_labels")},
-                                lengths, layout)
+                                layout)
     if self.masking is not None:
       keys = masking_keys(*self.seed, self.chunks, np.arange(layout.num_rows))
       f.update(mask_batch(f["input_ids"], (f["input_mask"] > 0).sum(1), self.masking, keys,
