@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any
 
+from bert_jax.errors import BertJaxError
+
 
 def _pretraining_worker(data_dir: str, variant: str, batch_size: int, steps: int,
                         warmup: int) -> dict[str, Any]:
@@ -71,10 +73,19 @@ def _pretraining_worker(data_dir: str, variant: str, batch_size: int, steps: int
           "loss": float(metrics["loss"])}
 
 
+def _child(argv: list[str], what: str) -> str:
+  """Runs one side's process in this directory (relative paths stay valid); its stdout. A failed
+  run stops the bench with the run named and the end of its error output."""
+  out = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+  if out.returncode:
+    tail = "\n".join(out.stderr.strip().splitlines()[-15:])
+    raise BertJaxError(f"{what} failed (exit {out.returncode}):\n{tail}")
+  return out.stdout
+
+
 def _spawn(args: list[str]) -> dict[str, Any]:
-  out = subprocess.run([sys.executable, "-m", "bert_jax.bench_packing", *args], check=True,
-                       capture_output=True, text=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  out = _child(["-m", "bert_jax.bench_packing", *args], f"the timing run on {args[1]}")
+  return json.loads(out.strip().splitlines()[-1])
 
 
 def _summary(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
@@ -84,7 +95,7 @@ def _summary(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, flo
 def bench_pretraining(a: argparse.Namespace) -> dict[str, Any]:
   from bert_jax import bench, tokenizer
   from bert_jax.data import pretraining
-  work = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="bert_jax_packing_"))
+  work = pathlib.Path(a.workdir)
   corpus = a.corpus or str(pretraining.default_corpus_path())
   tok = a.tokenizer
   if not tok:
@@ -125,7 +136,7 @@ METRICS = {"classification": ("accuracy",), "squad": ("f1", "exact_match")}
 
 def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
               ) -> dict[str, Any]:
-  workdir = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="bert_jax_packing_")) / (
+  workdir = pathlib.Path(a.workdir) / (
       f"{'packed' if packed else 'padded'}_seed{seed}")
   if workdir.exists():
     import shutil
@@ -143,8 +154,7 @@ def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
   start = time.perf_counter()
   # bert-jax-finetune (finetune.py), found in a checkout and in an installed wheel alike
   command = "from bert_jax.commands import finetune_command; finetune_command()"
-  subprocess.run([sys.executable, "-c", command, *flags, *extra], check=True,
-                 capture_output=True)  # in this directory: relative data paths stay valid
+  _child(["-c", command, *flags, *extra], f"the fine-tuning run in {workdir}")
   wall = time.perf_counter() - start
   best = json.loads((workdir / "eval_results.json").read_text())
   return {"seed": seed, "packed": packed, "wall_s": wall, "best_step": best["step"],
@@ -190,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   pre.add_argument("--max_examples_per_row", type=int, default=8)
   pre.add_argument("--corpus", default="", help="raw text (default: the bundled corpus)")
   pre.add_argument("--tokenizer", default="", help="default: train 8,000 pieces on the corpus")
-  pre.add_argument("--workdir", default="", help="keeps the data between runs")
+  pre.add_argument("--workdir", default="",
+                   help="keeps the data between runs (default: a temporary directory, removed)")
   for task, seq_len in (("classification", 128), ("squad", 384)):
     fine = sub.add_parser(task)
     fine.add_argument("--train_file", required=True)
@@ -200,14 +211,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fine.add_argument("--max_seq_length", type=int, default=seq_len)
     fine.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
                       default=[0, 1, 2])
-    fine.add_argument("--workdir", default="")
+    fine.add_argument("--workdir", default="",
+                      help="keeps each run's workdir (default: a temporary directory, removed)")
   a = p.parse_args(argv)
   if a.task == "pretraining":
     if a.batch_size < 1 or a.steps < 1 or a.repeats < 1 or a.seq_len < 5:
       p.error("--batch_size, --steps and --repeats must be >= 1, --seq_len >= 5")
-    return bench_pretraining(a)
-  return bench_finetuning(a, extra)
+  with tempfile.TemporaryDirectory(prefix="bert_jax_packing_") as scratch:
+    a.workdir = a.workdir or scratch  # without --workdir, nothing is left behind
+    return bench_pretraining(a) if a.task == "pretraining" else bench_finetuning(a, extra)
 
 
 if __name__ == "__main__":
-  print(json.dumps(main()))
+  from bert_jax import cli
+  cli.run(lambda: print(json.dumps(main())))

@@ -112,3 +112,33 @@ def test_fine_tuning_step_against_hf_torch():
   (r,) = bench.main(TINY + ["--task", "classification", "--devices", "1", "--against",
                             "hf-torch", "--pairs", "1", "--steps", "1", "--warmup", "0"])
   assert r["task"] == "classification" and r["ratio_median"] > 0
+
+
+def test_packing_bench_names_a_failed_run_and_leaves_nothing_behind(tmp_path, monkeypatch):
+  from bert_jax import bench_packing
+  from bert_jax.errors import BertJaxError
+  monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+  with pytest.raises(BertJaxError, match=r"(?s)fine-tuning run in .*padded_seed0 failed "
+                                         r"\(exit 2\).*needs --config.tokenizer"):
+    bench_packing.main(["classification", "--train_file", "train.tsv", "--eval_file", "dev.tsv",
+                        "--seeds", "0"])
+  assert list(tmp_path.iterdir()) == []  # its temporary workdir is gone
+
+
+@pytest.mark.slow
+def test_packing_bench_runs_padded_and_packed_fine_tuning(tmp_path):
+  import runs
+
+  from bert_jax import bench_packing
+  prepared = runs.prepare(tmp_path)
+  result = bench_packing.main([
+      "classification", "--train_file", prepared["train_file"], "--eval_file",
+      prepared["eval_file"], "--tokenizer", prepared["data.tokenizer"], "--seeds", "0",
+      "--max_seq_length", "32", "--workdir", str(tmp_path / "w"), "--",
+      "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
+      "--config.train.max_steps=2"])
+  assert [(r["seed"], r["packed"]) for r in result["runs"]] == [(0, False), (0, True)]
+  for side in ("padded", "packed"):
+    assert result[side]["wall_s"] > 0 and 0 <= result[side]["accuracy"] <= 1
+    assert (tmp_path / "w" / f"{side}_seed0" / "eval_results.json").exists()
+  assert result["cpu_model"] and result["wall_ratio"] > 0
