@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import optim, sharding, trainer
-from bert_jax.config import VARIANTS, BertConfig, get_variant
+from bert_jax.config import ATTENTIONS, VARIANTS, BertConfig, get_variant
 
 # Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
 PUBLISHED_PEAKS: tuple[tuple[str, float], ...] = (
@@ -322,14 +322,15 @@ def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, to
 
 
 def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: int, dtype: str,
-              remat: str, grad_accum: int, devices: int, fsdp: int) -> dict[str, Any]:
+              remat: str, grad_accum: int, devices: int, fsdp: int, attention: str = "einsum"
+              ) -> dict[str, Any]:
   """Compiles and times one configuration; returns its record."""
   if batch_size <= 0 or seq_len <= 0 or batch_size % (devices * grad_accum):
     raise ValueError(f"batch_size {batch_size} must be positive and divisible by devices * "
                      f"grad_accum = {devices} * {grad_accum} (seq_len {seq_len} positive)")
-  fused = {"attention_dropout": 0.0} if opts.attention == "dot_product" else {}  # no dropout
+  fused = {"attention_dropout": 0.0} if attention == "dot_product" else {}  # no dropout
   config = model_config(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
-                        attention=opts.attention, **fused,
+                        attention=attention, **fused,
                         **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
   if seq_len > config.max_position_embeddings:
     raise ValueError(f"--seq_len {seq_len} exceeds the position table "
@@ -363,7 +364,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
           "vocab_size": config.vocab_size,
           "max_predictions": preds, "dtype": config.compute_dtype.name, "remat": remat,
           "attention_dropout": config.attention_dropout, "grad_accum": grad_accum,
-          "optimizer": opts.optimizer, "attention": opts.attention, "devices": devices,
+          "optimizer": opts.optimizer, "attention": attention, "devices": devices,
           "fsdp": fsdp, "scan_layers": opts.scan_layers,
           "state_bytes_per_device": ours.state_bytes_per_device,
           "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
@@ -427,16 +428,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="devices per FSDP group (1: replicated data parallelism)")
   p.add_argument("--grad_accum", type=_csv(int), default=[1])
   p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
-  p.add_argument("--attention", choices=("einsum", "dot_product"), default="einsum",
-                 help="dot_product: jax.nn.dot_product_attention (cuDNN on GPU), no attention "
-                      "dropout")
+  p.add_argument("--attention", type=_csv(str), default=["einsum"],
+                 help="einsum and/or dot_product: jax.nn.dot_product_attention (cuDNN on GPU), "
+                      "no attention dropout")
   p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
   p.add_argument("--json", default=None, help="write JSON lines to this file ('-': stdout)")
   p.add_argument("--against", choices=("hf-torch",), default=None)
   p.add_argument("--pairs", type=int, default=3, help="A/B rounds with --against")
   p.add_argument("--switch_warmup", type=int, default=1,
                  help="untimed steps each side runs in every A/B round before its timed steps")
-  return p.parse_args(argv)
+  opts = p.parse_args(argv)
+  for kind in opts.attention:
+    if kind not in ATTENTIONS:
+      p.error(f"--attention: {kind!r} is not one of {', '.join(ATTENTIONS)}")
+  return opts
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -447,7 +452,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   records = []
   try:
     for combo in itertools.product(opts.variant, opts.batch_size, opts.seq_len, opts.dtype,
-                                   opts.remat, opts.grad_accum, devices, opts.fsdp):
+                                   opts.remat, opts.grad_accum, devices, opts.fsdp,
+                                   opts.attention):
       records.append(bench_one(opts, *combo))
       if out:
         print(json.dumps(records[-1]), file=out, flush=True)

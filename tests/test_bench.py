@@ -52,8 +52,10 @@ def test_one_sane_record_per_combination(tmp_path):
 
 
 def test_fused_attention_runs_without_attention_dropout():
-  (r,) = bench.main(TINY + ["--devices", "1", "--attention", "dot_product"])
-  assert (r["attention"], r["attention_dropout"], r["dtype"]) == ("dot_product", 0.0, "float32")
+  einsum, fused = bench.main(TINY + ["--devices", "1", "--attention", "einsum,dot_product"])
+  assert (einsum["attention"], einsum["attention_dropout"]) == ("einsum", 0.1)
+  assert (fused["attention"], fused["attention_dropout"], fused["dtype"]) == (
+      "dot_product", 0.0, "float32")
 
 
 def test_fine_tuning_step_and_custom_sizes():
@@ -75,6 +77,13 @@ def test_fine_tuning_step_and_custom_sizes():
 def test_impossible_settings_are_refused(args, message):
   with pytest.raises(ValueError, match=message):
     bench.main(TINY + ["--devices", "1"] + args)
+
+
+def test_an_unknown_attention_is_refused(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(TINY + ["--attention", "einsum,flash"])
+  assert exit_.value.code == 2
+  assert "--attention: 'flash' is not one of einsum, dot_product" in capsys.readouterr().err
 
 
 def test_default_max_predictions_matches_bert():
