@@ -7,8 +7,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+# The shipped configs (`from configs import classify`) import in any test, whatever ran before.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -41,7 +41,8 @@ def one_device_run(model_dir, tmp_path_factory):  # noqa: F811
   return _finetune(model_dir, tmp_path_factory.mktemp("one"), "one", **{"train.dropout": 0.1})
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), pytest.param(4, 2, marks=pytest.mark.slow), (2, 4),
+@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
+                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4),
                                        pytest.param(1, 8, marks=pytest.mark.slow)])
 def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
                                                   fsdp, one_device_run):
@@ -79,6 +80,7 @@ def _saved_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow  # CI: test_faults.test_finetuning_that_diverges_keeps_every_output
 def test_non_finite_loss_stops_finetuning_before_any_save(model_dir, tmp_path):  # noqa: F811
   config = _classify_config(model_dir, tmp_path, **{
       "train.learning_rate": 1e9, "train.max_grad_norm": 0.0, "train.warmup_fraction": 0.0,
@@ -94,6 +96,7 @@ def test_non_finite_loss_stops_finetuning_before_any_save(model_dir, tmp_path): 
   assert "Traceback" not in out
 
 
+@pytest.mark.slow  # CI: the two-process SIGTERM run and the fine-tuning kills of test_faults
 def test_sigterm_saves_and_the_rerun_resumes_exactly(model_dir, tmp_path):  # noqa: F811
   config = _classify_config(model_dir, tmp_path, **{
       "train.epochs": 40, "train.max_steps": 60, "train.log_every": 1,

@@ -1,5 +1,6 @@
 """The encoder and heads: shapes, parameter counts, masking, dtypes, attention implementations."""
 
+import itertools
 import json
 
 import jax
@@ -197,8 +198,12 @@ def _pretraining_params(cfg):
   return BertForPreTraining(cfg).init(jax.random.key(0), ids, types, mask, pos)["params"]
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+_IN_CI = (("full", False), ("dots_saveable", True))  # the other pairs run in the full suite
+
+
+@pytest.mark.parametrize("policy,scan_layers", [
+    p if p in _IN_CI else pytest.param(*p, marks=pytest.mark.slow)
+    for p in itertools.product([p for p in REMAT_POLICIES if p != "none"], [False, True])])
 def test_remat_gives_the_same_gradients(policy, scan_layers):
   cfg = TINY.replace(scan_layers=scan_layers)
   params = _pretraining_params(cfg)

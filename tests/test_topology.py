@@ -16,7 +16,8 @@ def prepared(tmp_path_factory):
   return runs.prepare(tmp_path_factory.mktemp("prepared"))
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["replicated", "fsdp8"])
+@pytest.fixture(scope="module", ids=["replicated", "fsdp8"],
+                params=[pytest.param(1, marks=pytest.mark.slow), 8])  # CI: the harder layout
 def pretrained(request, prepared, tmp_path_factory):
   """20 steps of tiny pretraining on 8 devices, checkpoints at 10 and 20."""
   workdir = tmp_path_factory.mktemp(f"pretrained-fsdp{request.param}")

@@ -70,7 +70,8 @@ def _assert_close(a, b, atol=1e-5):
 
 
 @pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
-                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4), (1, 8)])
+                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4),
+                                       pytest.param(1, 8, marks=pytest.mark.slow)])
 def test_every_mesh_equals_one_device(data, fsdp):
   # With dropout on: the step keys give the same masks whatever the mesh.
   losses1, params1 = cached_run(1, cfg=DROPOUT)
@@ -124,7 +125,7 @@ def _computations(hlo: str) -> dict[str, str]:
 _REDUCTION = re.compile(r"\b(all-reduce|all-reduce-start|reduce-scatter)\(")
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
+@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_accumulation_reduces_the_gradient_once(fsdp):
   mesh, state, step = _setup(8, fsdp, 4, CFG)
   hlo = step.lower(state, sharding.global_batch(synthetic_batch(0), mesh)).compile().as_text()
