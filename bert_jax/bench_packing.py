@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+from bert_jax import files
 from bert_jax.errors import BertJaxError
 
 
@@ -95,6 +96,9 @@ def _summary(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, flo
 def bench_pretraining(a: argparse.Namespace) -> dict[str, Any]:
   from bert_jax import bench, tokenizer
   from bert_jax.data import pretraining
+  if files.is_url(a.workdir):
+    raise BertJaxError(f"--workdir {a.workdir}: the pretraining bench writes and memory-maps its "
+                       "data shards locally; give a local directory")
   work = pathlib.Path(a.workdir)
   corpus = a.corpus or str(pretraining.default_corpus_path())
   tok = a.tokenizer
@@ -136,11 +140,9 @@ METRICS = {"classification": ("accuracy",), "squad": ("f1", "exact_match")}
 
 def _finetune(a: argparse.Namespace, seed: int, packed: bool, extra: list[str]
               ) -> dict[str, Any]:
-  workdir = pathlib.Path(a.workdir) / (
-      f"{'packed' if packed else 'padded'}_seed{seed}")
+  workdir = files.path(a.workdir) / f"{'packed' if packed else 'padded'}_seed{seed}"  # or gs://
   if workdir.exists():
-    import shutil
-    shutil.rmtree(workdir)
+    workdir.rmtree()
   from bert_jax import cli
   config = pathlib.Path(cli.configs_dir()) / ("classify.py" if a.task == "classification"
                                               else "squad.py")

@@ -53,7 +53,6 @@ def _apply(c, overrides: dict):
 
 
 def pretrain_config(prepared: dict, **overrides):
-  sys.path.insert(0, str(ROOT))
   from configs import pretrain
   data = {k: v for k, v in prepared.items() if k.startswith("data.")}
   return _apply(pretrain.get_config("tiny"), {**PRETRAIN, **data, **overrides})
@@ -61,7 +60,6 @@ def pretrain_config(prepared: dict, **overrides):
 
 def classify_config(prepared: dict, init_from: str, **overrides):
   """Fine-tuning on 32 examples, batch 8: 4 steps an epoch, 2 epochs, evaluated each epoch."""
-  sys.path.insert(0, str(ROOT))
   from configs import classify
   return _apply(classify.get_config("tiny"), {
       "init_from": str(init_from), "data.train_file": prepared["train_file"],

@@ -417,7 +417,6 @@ SQUAD_CASES = {
 @pytest.mark.parametrize("case", sorted(SQUAD_CASES))
 def test_finetune_squad(inputs, tmp_path, capsys, case):
   from bert_jax import finetune
-  sys.path.insert(0, str(ROOT))
   from configs import squad
   make, needles = SQUAD_CASES[case]
   train = _write(tmp_path, "train.json", json.dumps(SQUAD_OK))

@@ -135,6 +135,13 @@ def test_packing_bench_names_a_failed_run_and_leaves_nothing_behind(tmp_path, mo
   assert list(tmp_path.iterdir()) == []  # its temporary workdir is gone
 
 
+def test_packing_bench_refuses_an_object_store_workdir_for_its_local_shards():
+  from bert_jax import bench_packing
+  from bert_jax.errors import BertJaxError
+  with pytest.raises(BertJaxError, match="--workdir gs://bucket/w: .* give a local directory"):
+    bench_packing.main(["pretraining", "--workdir", "gs://bucket/w"])
+
+
 @pytest.mark.slow
 def test_packing_bench_runs_padded_and_packed_fine_tuning(tmp_path):
   import runs

@@ -14,7 +14,6 @@ from bert_jax.data import pretraining
 from bert_jax.data.errors import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="module")
