@@ -123,3 +123,30 @@ def test_pretrain_kill_resume_finetune_convert_on_gcs(gcs, prepared, tmp_path):
   import numpy as np
   for a, b in zip(jax.tree.leaves(hf["bert"]), jax.tree.leaves(ours["bert"]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_data_step_writes_and_reads_its_instances_on_gcs(gcs, prepared, tmp_path):
+  """bert-jax-data with a gs:// tokenizer and output_dir: the bucket gets the same instances as a
+  local run, read_manifest reads them there, and no local gs:/ directory appears."""
+  from bert_jax import files
+  from bert_jax.data import pretraining
+  root = f"gs://{BUCKET}/{tmp_path.name}"
+  files.copy(prepared["data.tokenizer"], f"{root}/tok.model")
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(pretraining.default_corpus_path().read_text(encoding="utf-8")[:40_000],
+                    encoding="utf-8")
+  args = ["--input_files", str(corpus), "--max_seq_length", "32", "--max_predictions_per_seq",
+          "5", "--dupe_factor", "1", "--eval_fraction", "0.1", "--seed", "3"]
+  pretraining._main([*args, "--tokenizer", f"{root}/tok.model", "--output_dir", f"{root}/data"])
+  pretraining._main([*args, "--tokenizer", prepared["data.tokenizer"],
+                     "--output_dir", str(tmp_path / "local")])
+  assert not pathlib.Path("gs:").exists(), "a gs:// output_dir was taken for a local one"
+  remote = pretraining.read_manifest(f"{root}/data")
+  assert remote["splits"] == pretraining.read_manifest(tmp_path / "local")["splits"]
+  local_files = sorted(p.relative_to(tmp_path / "local").as_posix()
+                       for p in (tmp_path / "local").rglob("*") if p.is_file())
+  assert "manifest.json" in local_files and len(local_files) > 2
+  for name in local_files:
+    if name != "manifest.json":  # it records the run's paths and seconds
+      assert (files.path(f"{root}/data") / name).read_bytes() == \
+          (tmp_path / "local" / name).read_bytes(), name

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from bert_jax import faults, packing
+from bert_jax import files as storage  # `files` names the input files here
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.files import replacing_dir
@@ -647,7 +648,7 @@ def _run_tasks(tasks, corpus_dir: str, spec: InstanceSpec, workers: int
 
 
 def read_manifest(data_dir: str | pathlib.Path) -> dict[str, Any]:
-  path = pathlib.Path(data_dir) / MANIFEST
+  path = storage.path(data_dir) / MANIFEST  # a gs:// data_dir too (pathlib would make it gs:/)
   if not path.is_file():
     raise DataError(f"{path}: no such file (create the data with python -m "
                     "bert_jax.data.pretraining)")
@@ -687,13 +688,16 @@ def _main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--max_examples_per_row", type=int, default=8,
                  help="with --pack: instances per row at most")
   a = p.parse_args(argv)
-  m = create_pretraining_data(
-      expand_files(a.input_files), a.tokenizer, a.output_dir, max_seq_length=a.max_seq_length,
-      max_predictions_per_seq=a.max_predictions_per_seq, masked_lm_prob=a.masked_lm_prob,
-      short_seq_prob=a.short_seq_prob, dupe_factor=a.dupe_factor, seed=a.seed,
-      whole_word_mask=a.whole_word_mask, dynamic_masking=a.dynamic_masking,
-      eval_fraction=a.eval_fraction, workers=a.workers, shard_size=a.shard_size, pack=a.pack,
-      max_examples_per_row=a.max_examples_per_row)
+  # A gs:// output is written on local disk first and uploaded once complete; a gs:// tokenizer
+  # is read from a local copy (SentencePiece reads files).
+  with storage.local_output(a.output_dir) as out:
+    m = create_pretraining_data(
+        expand_files(a.input_files), str(storage.local(a.tokenizer)), str(out),
+        max_seq_length=a.max_seq_length, max_predictions_per_seq=a.max_predictions_per_seq,
+        masked_lm_prob=a.masked_lm_prob, short_seq_prob=a.short_seq_prob,
+        dupe_factor=a.dupe_factor, seed=a.seed, whole_word_mask=a.whole_word_mask,
+        dynamic_masking=a.dynamic_masking, eval_fraction=a.eval_fraction, workers=a.workers,
+        shard_size=a.shard_size, pack=a.pack, max_examples_per_row=a.max_examples_per_row)
   print(json.dumps({k: m[k] for k in ("corpus", "seconds", "instances_per_s")} | {
       k: {"instances": v["num_instances"], **v["stats"], "padding_share": v["padding_share"],
           **v.get("packing", {})} for k, v in m["splits"].items()}))
