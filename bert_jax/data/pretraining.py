@@ -50,7 +50,6 @@ from bert_jax import faults, packing
 from bert_jax import files as storage  # `files` names the input files here
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
-from bert_jax.files import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -564,7 +563,7 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
     workers = max(1, min(os.cpu_count() or 1, size // (4 << 20)))
   out = pathlib.Path(output_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
-  with replacing_dir(out) as tmp:
+  with storage.replacing_dir(out) as tmp:
     (tmp / "corpus").mkdir()
     corpus = tokenize_corpus(files, str(tok.path), tmp / "corpus", workers)
     np.savez(tmp / "corpus" / "boundaries.npz", sentence_starts=corpus.sentence_starts,
