@@ -176,11 +176,20 @@ def local(p: PathLike) -> epath.Path:
 @contextlib.contextmanager
 def local_output(target: PathLike) -> Iterator[epath.Path]:
   """A local path to write `target` (a file or a directory) into: `target` itself when local;
-  for a URL a temporary local path, copied to `target` when the block ends without error."""
+  for a URL a temporary local path, uploaded to `target` when the block ends without error. A
+  directory replaces an existing `target` whole (`replacing_dir`: no file of an earlier, larger
+  output is left beside the new one), and an existing `target` that is not an output of ours is
+  refused before the block runs, not after its work."""
   if not is_url(target):
     yield path(target)
     return
+  if path(target).is_dir():
+    check_replaceable(target)
   with tempfile.TemporaryDirectory() as tmp:
     out = epath.Path(tmp) / path(target).name
     yield out
-    copy(out, target)
+    if out.is_dir():
+      with replacing_dir(target) as staged:
+        copy(out, staged)
+    else:
+      copy(out, target)

@@ -127,9 +127,11 @@ def test_pretrain_kill_resume_finetune_convert_on_gcs(gcs, prepared, tmp_path):
 
 def test_data_step_writes_and_reads_its_instances_on_gcs(gcs, prepared, tmp_path):
   """bert-jax-data with a gs:// tokenizer and output_dir: the bucket gets the same instances as a
-  local run, read_manifest reads them there, and no local gs:/ directory appears."""
+  local run (replacing an earlier output of more shards whole), read_manifest reads them there,
+  no local gs:/ directory appears, and a gs:// directory of someone else's files is refused."""
   from bert_jax import files
   from bert_jax.data import pretraining
+  from bert_jax.errors import OutputExistsError
   root = f"gs://{BUCKET}/{tmp_path.name}"
   files.copy(prepared["data.tokenizer"], f"{root}/tok.model")
   corpus = tmp_path / "corpus.txt"
@@ -137,6 +139,10 @@ def test_data_step_writes_and_reads_its_instances_on_gcs(gcs, prepared, tmp_path
                     encoding="utf-8")
   args = ["--input_files", str(corpus), "--max_seq_length", "32", "--max_predictions_per_seq",
           "5", "--dupe_factor", "1", "--eval_fraction", "0.1", "--seed", "3"]
+  # An earlier output in many small shards: the next one (a shard per split) replaces it whole.
+  pretraining._main([*args, "--tokenizer", f"{root}/tok.model", "--output_dir", f"{root}/data",
+                     "--shard_size", "8"])
+  assert len(list((files.path(f"{root}/data")).glob("train-*"))) > 8
   pretraining._main([*args, "--tokenizer", f"{root}/tok.model", "--output_dir", f"{root}/data"])
   pretraining._main([*args, "--tokenizer", prepared["data.tokenizer"],
                      "--output_dir", str(tmp_path / "local")])
@@ -146,7 +152,15 @@ def test_data_step_writes_and_reads_its_instances_on_gcs(gcs, prepared, tmp_path
   local_files = sorted(p.relative_to(tmp_path / "local").as_posix()
                        for p in (tmp_path / "local").rglob("*") if p.is_file())
   assert "manifest.json" in local_files and len(local_files) > 2
+  assert sorted(p.name for p in files.path(f"{root}/data").iterdir()) == local_files  # flat
+  assert not [p.name for p in files.path(root).iterdir() if p.name.startswith(".data.")]
   for name in local_files:
     if name != "manifest.json":  # it records the run's paths and seconds
       assert (files.path(f"{root}/data") / name).read_bytes() == \
           (tmp_path / "local" / name).read_bytes(), name
+
+  foreign = files.path(f"{root}/theirs")
+  (foreign / "notes.txt").write_text("not ours")
+  with pytest.raises(OutputExistsError, match="theirs.*not written by bert_jax"):
+    pretraining._main([*args, "--tokenizer", f"{root}/tok.model", "--output_dir", str(foreign)])
+  assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
