@@ -6,6 +6,18 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for this test session, inherited by every training run the
+# tests start in a subprocess: the same tiny steps are compiled once, not in each of ~60 processes
+# (a cached executable is the compiled program itself, so results are unchanged). It starts empty
+# each session and is removed at its end.
+_XLA_CACHE = tempfile.mkdtemp(prefix="bert_jax_tests_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -31,3 +43,7 @@ def shard_small_arrays(monkeypatch):
   """Shard every array the fsdp width divides, so that the tiny test models really are split."""
   from bert_jax import sharding
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)

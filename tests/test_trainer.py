@@ -191,6 +191,8 @@ def test_billion_parameter_step_compiles_with_fsdp():
   assert compiled.as_text()
 
 
+@pytest.mark.slow  # CI: tests/test_model.py's scanned outputs and gradients, and the scanned
+# checkpoint fine-tuned unrolled in tests/test_finetune_trainer.py
 def test_scanned_and_unrolled_encoders_train_alike():
   """Five steps from the same weights, one encoder scanned, the other unrolled."""
   from bert_jax import params as param_trees
