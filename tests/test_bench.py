@@ -51,6 +51,7 @@ def test_one_sane_record_per_combination(tmp_path):
     assert set(r["xla_matmul_peak_flops"]) == {"float32", "bfloat16"}
 
 
+@pytest.mark.slow  # CI: fused attention against einsum in tests/test_model.py and test_packing.py
 def test_fused_attention_runs_without_attention_dropout():
   (r,) = bench.main(TINY + ["--devices", "1", "--attention", "dot_product"])
   assert (r["attention"], r["attention_dropout"], r["dtype"]) == ("dot_product", 0.0, "float32")

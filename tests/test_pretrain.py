@@ -209,6 +209,7 @@ def test_changed_data_flags_on_a_workdir_are_refused(prepared, tmp_path):
       pretrain.prepare_data(changed, tmp_path, prepared["data.tokenizer"])
 
 
+@pytest.mark.slow  # a warning and a run that ends; kept out of CI for its time
 def test_data_without_an_eval_split_trains_to_the_end(prepared, tmp_path, caplog):
   from bert_jax import pretrain
   data_dir = tmp_path / "data"
