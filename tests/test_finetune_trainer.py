@@ -41,13 +41,10 @@ def one_device_run(model_dir, tmp_path_factory):  # noqa: F811
   return _finetune(model_dir, tmp_path_factory.mktemp("one"), "one", **{"train.dropout": 0.1})
 
 
-# CI leaves these out: the classification step on the (2, 4) mesh is tests/test_packing.py's,
-# the shared step on a mesh tests/test_trainer.py's, an fsdp8 checkpoint fine-tuned
-# tests/test_topology.py's.
-@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
-                                       pytest.param(4, 2, marks=pytest.mark.slow),
-                                       pytest.param(2, 4, marks=pytest.mark.slow),
-                                       pytest.param(1, 8, marks=pytest.mark.slow)])
+# CI: the classification step on the (2, 4) mesh in tests/test_packing.py, the shared step on a
+# mesh in tests/test_trainer.py, an fsdp8 checkpoint fine-tuned in tests/test_topology.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
 def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
                                                   fsdp, one_device_run):
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)  # shard the tiny model's arrays too
