@@ -160,3 +160,28 @@ def test_packing_bench_runs_padded_and_packed_fine_tuning(tmp_path):
     assert result[side]["wall_s"] > 0 and 0 <= result[side]["accuracy"] <= 1
     assert (tmp_path / "w" / f"{side}_seed0" / "eval_results.json").exists()
   assert result["cpu_model"] and result["wall_ratio"] > 0
+
+
+def test_packing_bench_times_padded_and_packed_pretraining_steps(tmp_path):
+  import runs
+
+  from bert_jax import bench_packing
+  prepared = runs.prepare(tmp_path)
+  # Documents of four lines: most instances end early, so padding is most of a padded row.
+  lines = (tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines()[:1200]
+  (tmp_path / "short.txt").write_text(
+      "\n\n".join("\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4)) + "\n",
+      encoding="utf-8")
+  result = bench_packing.main([
+      "pretraining", "--seq_len", "64", "--variant", "tiny", "--batch_size", "4", "--steps", "1",
+      "--warmup", "1", "--repeats", "1", "--corpus", str(tmp_path / "short.txt"),
+      "--tokenizer", prepared["data.tokenizer"], "--workdir", str(tmp_path / "w")])
+  assert result["padding_share_packed"] < result["padding_share_unpacked"]
+  padded, packed = result["padded"], result["packed"]
+  assert packed["real_share"] > padded["real_share"]
+  assert result["same_step_time_bound"] == pytest.approx(packed["real_share"]
+                                                          / padded["real_share"])
+  (pair,) = result["real_tokens_per_s_ratio_per_pair"]
+  assert result["real_tokens_per_s_ratio"] == pair == pytest.approx(
+      packed["real_tokens_per_s"] / padded["real_tokens_per_s"])
+  assert packed["examples_per_s"] > 0 and result["cpu_model"]
