@@ -35,8 +35,10 @@ def dense(config: BertConfig, features: int, name: str) -> nn.Dense:
 
 
 def gelu(x: Array) -> Array:
-  """BERT's GELU: the exact erf form, not the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """BERT's GELU, the exact erf form (not the tanh approximation): x/2 (1 + erf(x / sqrt 2)), as
+  the original BERT and torch write it. `jax.nn.gelu(approximate=False)` goes through erfc, which
+  XLA:CPU expands into exp and range selects; erf is one rational polynomial."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
 class Dropout(nn.Module):
