@@ -23,10 +23,31 @@ def dense_init(config: BertConfig) -> nn.initializers.Initializer:
   return nn.initializers.normal(stddev=config.initializer_range)
 
 
-def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-  """LayerNorm computed and returned in float32 (parameters `scale`, `bias`)."""
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32,
-                      param_dtype=config.params_dtype, name=name)
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, computed and returned in float32: (x - mean) / sqrt(var + eps)
+  * scale + bias, parameters `scale` and `bias` (nn.LayerNorm's names). The variance is the mean
+  of the centred squares (two passes; nn.LayerNorm's default, E[x^2] - E[x]^2, loses digits
+  when the mean is large against the spread), and the normalised x is the one [B, T, D] tensor
+  the backward pass keeps, where nn.LayerNorm materialises rsqrt(var) * scale broadcast to
+  [B, T, D]: the fine-tuning step (L6-H384-A12, 32 x 64) 0.97x the time, median of 6
+  alternating pairs (Intel Xeon, 2 cores)."""
+
+  epsilon: float
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, x.shape[-1:], self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, x.shape[-1:], self.param_dtype)
+    centered = x - x.mean(-1, keepdims=True)
+    var = jnp.mean(centered * centered, -1, keepdims=True)
+    normed = centered * jax.lax.rsqrt(var + self.epsilon)
+    return normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def layer_norm(config: BertConfig, name: str) -> LayerNorm:
+  return LayerNorm(config.layer_norm_eps, config.params_dtype, name=name)
 
 
 def dense(config: BertConfig, features: int, name: str) -> nn.Dense:
