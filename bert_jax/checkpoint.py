@@ -281,7 +281,8 @@ def _not_an_abandoned_read(record: logging.LogRecord) -> bool:
     text += f" {e} {traceback.format_tb(e.__traceback__)}"
   return not ("orbax/checkpoint/_src/serialization" in text
               or "_read_array_index_and_device_put" in text
-              or "Encountered error while reading array index" in text)
+              or "Encountered error while reading array index" in text
+              or "in OCDBT database at" in text)  # TensorStore's own error for the same read
 
 
 def _why(e: BaseException) -> str:

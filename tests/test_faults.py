@@ -228,8 +228,10 @@ def test_finetuning_that_diverges_keeps_every_output(corpus, tmp_path):
   runs.run("finetune", _finetune_config(corpus, **{"train.epochs": 1}), tmp_path)
   kept = ("best/", "eval_results.json", "predictions.json", "checkpoints/4/")
   before = {k: v for k, v in runs.tree_bytes(tmp_path).items() if k.startswith(kept)}
+  # Every checkpoint kept: what goes is then the NaN's doing, not the rotation's.
   config = _finetune_config(corpus, **_diverge(**{"train.epochs": 2, "train.checkpoint_every": 1,
-                                                  "train.warmup_fraction": 0.0}))
+                                                  "train.warmup_fraction": 0.0,
+                                                  "train.keep_checkpoints": 10}))
   out = runs.finish(runs.spawn("finetune", config, tmp_path), 3)
   last = _assert_one_line_error(out, "loss is NaN or Inf")
   bad_step = int(last.split("step ")[1].split(":")[0])
