@@ -9,13 +9,16 @@
 Comma-separated --variant/--batch_size/--seq_len/--dtype/--remat/--grad_accum/--devices/--fsdp
 values run every combination; --fsdp N shards parameters and optimizer state over groups of N
 devices (`state_bytes_per_device` in the record is what one device holds of them).
-MFU is analytic model FLOPs per second over a peak: on CPU the peak is a
-float32 matmul measured in the same run; on TPU/GPU the published dense bf16 peak of the chip.
+MFU is analytic model FLOPs per second over a peak: on CPU the peak is a matmul in the compute
+dtype measured in the same run (bfloat16: bfloat16 operands, float32 accumulation); on TPU/GPU
+the published dense bf16 peak of the chip.
 On CPU, --devices above 1 needs XLA_FLAGS=--xla_force_host_platform_device_count=N.
 --variant takes a name of bert_jax.config.VARIANTS or L{layers}-H{hidden}-A{heads} (FFN 4 x hidden).
 With --against hf-torch the peer runs in its own process (bert_jax.bench_peer), the two sides
-alternating round by round; every record names the machine (CPU model or accelerator), the
-library versions and each framework's float32 and bfloat16 matmul peaks measured in the run.
+alternating round by round, in the precision of our side unless --peer_dtype says otherwise
+(bfloat16: torch.autocast on the CPU); every record names the machine (CPU model or
+accelerator), the library versions and each framework's float32 and bfloat16 matmul peaks
+measured in the run.
 """
 
 from __future__ import annotations
@@ -144,15 +147,18 @@ def published_peak(device_kind: str) -> float | None:
 
 
 class MatmulPeak:
-  """FLOP/s of a jitted [n, n] @ [n, n] (float32 unless told) on every device of a mesh at once.
-  Each probe keeps the best rate seen: on a shared machine, probing before, between and after the
-  timed steps finds the sustained peak more reliably than one burst."""
+  """FLOP/s of a jitted [n, n] @ [n, n] (float32 unless told) on every device of a mesh at once,
+  accumulated in float32 (bfloat16 operands give float32 results: the form our bfloat16
+  matmuls take, and the one XLA:CPU runs on AMX). Each probe keeps the best rate seen: on a
+  shared machine, probing before, between and after the timed steps finds the sustained peak
+  more reliably than one burst."""
 
   def __init__(self, mesh, n: int = 2048, dtype: str = "float32"):
     spec = sharding.batch_sharded(mesh)
     a, b = (jax.device_put(jax.random.normal(k, (mesh.devices.size, n, n), dtype), spec)
             for k in jax.random.split(jax.random.PRNGKey(0), 2))
-    matmul = jax.jit(jnp.matmul, out_shardings=spec)
+    matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32),
+                     out_shardings=spec)
     self._flops = 2 * n**3 * mesh.devices.size
     self._run = lambda: jax.block_until_ready(matmul(a, b))
     self._run()
@@ -176,9 +182,10 @@ def xla_matmul_peaks(num_devices: int) -> dict[str, float]:
   return {dtype: _matmul_peak(num_devices, dtype).probe() for dtype in ("float32", "bfloat16")}
 
 
-def peak_flops(mesh, override: float | None) -> tuple[Callable[[], float], str]:
+def peak_flops(mesh, override: float | None, dtype: str = "float32"
+               ) -> tuple[Callable[[], float], str]:
   """(a function giving the peak FLOP/s of the mesh, where the number comes from). On CPU each
-  call probes the matmul again and returns the best rate of the run so far."""
+  call probes the matmul in `dtype` again and returns the best rate of the run so far."""
   n = mesh.devices.size
   if override:
     return lambda: override, "flag"
@@ -188,7 +195,7 @@ def peak_flops(mesh, override: float | None) -> tuple[Callable[[], float], str]:
     if peak is None:
       raise ValueError(f"no published peak for device kind {kind!r}: pass --peak_flops")
     return lambda: peak * n, f"published bf16 peak of {kind}"
-  return _matmul_peak(n).probe, "measured f32 2048^3 matmul, best of the run"
+  return _matmul_peak(n, dtype).probe, f"measured {dtype} 2048^3 matmul, best of the run"
 
 
 def peak_memory(mesh) -> tuple[int, str]:
@@ -248,9 +255,12 @@ def _xla_flops(compiled) -> float | None:
 
 class PeerProcess:
   """The Hugging Face PyTorch side, in its own process (bert_jax.bench_peer), on the same batch:
-  pretraining or classification, eager float32, AdamW, clipping at 1.0."""
+  pretraining or classification, eager float32 (or under bfloat16 autocast), AdamW, clipping at
+  1.0."""
 
-  def __init__(self, config: BertConfig, batch: dict[str, np.ndarray], task: str):
+  def __init__(self, config: BertConfig, batch: dict[str, np.ndarray], task: str,
+               dtype: str = "float32"):
+    self.dtype = dtype
     for module in ("torch", "transformers"):
       if importlib.util.find_spec(module) is None:
         raise ValueError(f"--against hf-torch needs torch and transformers ({module} is not "
@@ -260,7 +270,8 @@ class PeerProcess:
     np.savez(path, **batch)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "bert_jax.bench_peer", "--config", config.to_json(),
-         "--batch", path, "--task", task], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+         "--batch", path, "--task", task, "--dtype", dtype],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     self.info = self._read()["ready"]
 
@@ -315,6 +326,7 @@ def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, to
     hf_times += b
     ratios.append(statistics.median(b) / statistics.median(a))
   return {"our_step_times": our_times, "against": "hf-torch", "peer_process": theirs.proc.pid,
+          "peer_dtype": theirs.dtype,
           "hf_tokens_per_s": tokens / statistics.median(hf_times),
           "hf_step_s_median": statistics.median(hf_times),
           "torch_matmul_peak_flops": theirs.peaks(), "torch_threads": theirs.info["threads"],
@@ -338,7 +350,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   classify = opts.task == "classification"
   preds = 0 if classify else opts.max_predictions or default_max_predictions(seq_len)
   mesh = sharding.make_mesh(devices, fsdp)
-  probe_peak, peak_source = peak_flops(mesh, opts.peak_flops)
+  probe_peak, peak_source = peak_flops(mesh, opts.peak_flops, config.compute_dtype.name)
   probe_peak()
   batch = (classification_batch(batch_size, seq_len, config.vocab_size) if classify else
            synthetic_batch(batch_size, seq_len, preds, config.vocab_size))
@@ -346,7 +358,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   ours.run(opts.warmup)
   tokens = batch_size * seq_len
   if opts.against:
-    theirs = PeerProcess(config, batch, opts.task)
+    peer_dtype = config.compute_dtype.name if opts.peer_dtype == "same" else opts.peer_dtype
+    theirs = PeerProcess(config, batch, opts.task, peer_dtype)
     try:
       extra = _compare(ours, theirs, opts, tokens, probe_peak)
     finally:
@@ -434,6 +447,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
   p.add_argument("--json", default=None, help="write JSON lines to this file ('-': stdout)")
   p.add_argument("--against", choices=("hf-torch",), default=None)
+  p.add_argument("--peer_dtype", choices=("same", "float32", "bfloat16"), default="same",
+                 help="the peer's precision: same as ours, float32, or bfloat16 (torch.autocast)")
   p.add_argument("--pairs", type=int, default=3, help="A/B rounds with --against")
   p.add_argument("--switch_warmup", type=int, default=1,
                  help="untimed steps each side runs in every A/B round before its timed steps")

@@ -1,5 +1,6 @@
-"""The benchmark's peer, in a process of its own: Hugging Face BERT in PyTorch eager (float32, train
-mode, AdamW, gradient clipping at 1.0) on the very batch our step runs.
+"""The benchmark's peer, in a process of its own: Hugging Face BERT in PyTorch eager (float32, or
+bfloat16 under torch.autocast; train mode, AdamW, gradient clipping at 1.0) on the very batch our
+step runs.
 
 Started by `python -m bert_jax.bench --against hf-torch`, never by hand. It reads the model config
 (BertConfig JSON), the batch (.npz) and the task from its arguments, builds the model, prints one
@@ -56,10 +57,15 @@ class Runner:
   """The HF model, its optimizer and the batch; `run(n)` times n full training steps."""
 
   def __init__(self, config: dict[str, Any], task: str, batch: dict[str, np.ndarray],
-               num_labels: int = 2):
+               num_labels: int = 2, dtype: str = "float32"):
+    import contextlib
+
     import torch
     import transformers
     self.torch = torch
+    # bfloat16 as torch users run it: float32 weights and optimizer, matmuls autocast to bf16.
+    self.precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) \
+        if dtype == "bfloat16" else contextlib.nullcontext
     torch.manual_seed(0)
     if task == "classification":
       model = transformers.BertForSequenceClassification(
@@ -75,7 +81,8 @@ class Runner:
     for _ in range(steps):
       start = time.perf_counter()
       self.opt.zero_grad(set_to_none=True)
-      loss = self.model(**self.inputs).loss
+      with self.precision():
+        loss = self.model(**self.inputs).loss
       loss.backward()
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
       self.opt.step()
@@ -125,13 +132,15 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--batch", required=True, help=".npz with the batch's arrays")
   p.add_argument("--task", choices=("pretraining", "classification"), default="pretraining")
   p.add_argument("--threads", type=int, default=0, help="0: every core this process may use")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="bfloat16: the forward pass under torch.autocast (float32 weights)")
   args = p.parse_args(argv)
   import torch
   import transformers
   torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
   with np.load(args.batch) as f:
     batch = {k: f[k] for k in f.files}
-  runner = Runner(json.loads(args.config), args.task, batch)
+  runner = Runner(json.loads(args.config), args.task, batch, dtype=args.dtype)
   peak = TorchMatmulPeak()
   print(json.dumps({"ready": {"torch": torch.__version__,
                               "transformers": transformers.__version__,

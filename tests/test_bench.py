@@ -106,8 +106,9 @@ def test_synthetic_batch_has_padding_and_real_predictions():
 def test_against_hf_torch_gives_a_ratio():
   (r,) = bench.main(TINY + ["--devices", "1", "--against", "hf-torch", "--pairs", "1",
                             "--steps", "1", "--warmup", "0", "--peak_flops", "1e12",
-                            "--vocab_size", "8000"])
+                            "--vocab_size", "8000", "--dtype", "bfloat16"])
   assert r["against"] == "hf-torch" and len(r["ratios"]) == 1
+  assert r["dtype"] == r["peer_dtype"] == "bfloat16"  # the peer under torch.autocast
   assert r["vocab_size"] == 8000
   assert r["flops_per_step_analytic"] == tiny_training_flops(4, 32, 5, v=8000)
   assert r["ratio_median"] > 0 and r["hf_tokens_per_s"] > 0
@@ -123,6 +124,8 @@ def test_fine_tuning_step_against_hf_torch():
   (r,) = bench.main(TINY + ["--task", "classification", "--devices", "1", "--against",
                             "hf-torch", "--pairs", "1", "--steps", "1", "--warmup", "0"])
   assert r["task"] == "classification" and r["ratio_median"] > 0
+  assert r["dtype"] == r["peer_dtype"] == "float32"
+  assert r["peak_source"] == "measured float32 2048^3 matmul, best of the run"
 
 
 def test_packing_bench_names_a_failed_run_and_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -171,6 +171,41 @@ def test_bfloat16_compute_stays_close_to_float32():
     np.testing.assert_allclose(f32[key], bf16[key], atol=5e-2)
 
 
+def _dot_generals(jaxpr):
+  """Every dot_general of a jaxpr, in its sub-jaxprs (custom_vjp, scan, remat) too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _dot_generals(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _dot_generals(sub)
+
+
+def test_bfloat16_on_cpu_runs_every_projection_as_bfloat16_dots_with_float32_results():
+  """XLA:CPU gives its bfloat16 kernels (AMX-BF16 where the CPU has it) only bfloat16 x
+  bfloat16 -> float32 dots: in bfloat16 every projection has that form, forward and both
+  backward dots, and its gradients match float32's to bfloat16's precision."""
+  cfg = TINY.replace(dtype="bfloat16")
+  params = _pretraining_params(TINY)
+  grads = jax.make_jaxpr(lambda p: _pretraining_grads(cfg, p, deterministic=True))(params)
+  dots = list(_dot_generals(grads.jaxpr))
+  bf16 = [e for e in dots if jnp.bfloat16 in [v.aval.dtype for v in e.invars]]
+  # per layer q, k, v, output, intermediate, ffn output; pooler, NSP, MLM transform and decoder
+  assert len(bf16) == 3 * (6 * TINY.num_layers + 4)
+  for e in bf16:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
+    assert e.outvars[0].aval.dtype == jnp.float32, e
+  f32 = [e for e in dots if e not in bf16]
+  assert all(v.aval.dtype == jnp.float32 for e in f32 for v in e.invars)
+  # The rest: the attention's batched dots, and the MLM output bias's gradient (heads.add_bias).
+  assert sum(not e.params["dimension_numbers"][1][0] for e in f32) == 1
+  _assert_trees_close(_pretraining_grads(TINY, params, deterministic=True),
+                      _pretraining_grads(cfg, params, deterministic=True), tol=2e-2)
+
+
 def _pretraining_grads(cfg, params, deterministic):
   ids, types, mask = _batch()
   pos = np.array([[1, 2, 3]] * 3, np.int32)
