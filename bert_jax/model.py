@@ -54,17 +54,20 @@ def layer_norm(config: BertConfig, name: str) -> LayerNorm:
 
 
 def _row_major_transpose(a: Array) -> Array:
-  """a.T [N, M] of a [M, N] as an array of its own. XLA gives a transpose the transposed layout
-  and folds it into the dot that reads it; YNNPACK's bfloat16 kernels take row-major operands
-  only, so that dot would fall back to Eigen in float32. The flat copy behind an optimization
-  barrier cannot be folded away."""
-  flat = jax.lax.optimization_barrier(a.T.reshape(-1))
-  return flat.reshape(a.shape[1], a.shape[0])
+  """a [..., M, N] -> [..., N, M] as an array of its own. XLA gives a transpose the transposed
+  layout and folds it into the dot that reads it; YNNPACK's bfloat16 kernels take row-major
+  operands only, so that dot would fall back to Eigen in float32. The flat copy behind an
+  optimization barrier cannot be folded away."""
+  *lead, m, n = a.shape
+  flat = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(-1))
+  return flat.reshape(*lead, n, m)
 
 
-def _dot_f32(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
-  """Two 2-D bfloat16 arrays contracted on one axis each, accumulated and returned in float32."""
-  dims = (((a_axis,), (b_axis,)), ((), ()))
+def _dot_f32(a: Array, b: Array, b_axis: int) -> Array:
+  """a's last axis contracted with b's axis `b_axis` (-1 or -2), leading axes batched; bfloat16
+  operands, accumulated and returned in float32."""
+  batch = tuple(range(a.ndim - 2))
+  dims = (((a.ndim - 1,), (b.ndim + b_axis,)), (batch, batch))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
@@ -75,18 +78,18 @@ def _bf16_matmul(transpose_w: bool, x_dtype, w_dtype, x: Array, w: Array) -> Arr
 
 def _bf16_matmul_fwd(transpose_w, x_dtype, w_dtype, x, w):
   x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  return _dot_f32(x16, w16, 1, 1 if transpose_w else 0), (x16, w16)
+  return _dot_f32(x16, w16, -1 if transpose_w else -2), (x16, w16)
 
 
 def _bf16_matmul_bwd(transpose_w, x_dtype, w_dtype, residuals, g):
   x16, w16 = residuals
   g16 = g.astype(jnp.bfloat16)
-  if transpose_w:  # y = x w^T, w [N, K]
-    dx = _dot_f32(g16, w16, 1, 0)
-    dw = _dot_f32(_row_major_transpose(g16), x16, 1, 0)
-  else:  # y = x w, w [K, N]
-    dx = _dot_f32(g16, w16, 1, 1)
-    dw = _dot_f32(_row_major_transpose(x16), g16, 1, 0)
+  if transpose_w:  # y = x w^T, w [..., N, K]
+    dx = _dot_f32(g16, w16, -2)
+    dw = _dot_f32(_row_major_transpose(g16), x16, -2)
+  else:  # y = x w, w [..., K, N]
+    dx = _dot_f32(g16, w16, -1)
+    dw = _dot_f32(_row_major_transpose(x16), g16, -2)
   return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
@@ -109,6 +112,12 @@ def cpu_bf16_matmul(x: Array, w: Array, transpose_w: bool = False) -> Array:
   in float32. The weight gradient accumulates and is returned in float32."""
   y = _bf16_matmul(transpose_w, x.dtype, w.dtype, x.reshape(-1, x.shape[-1]), w)
   return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def cpu_bf16_batched_matmul(x: Array, w: Array, transpose_w: bool = False) -> Array:
+  """`cpu_bf16_matmul` for a batch of pairs: x [G, M, K] with w [G, K, N] (or [G, N, K]) -> [G,
+  M, N] float32. Both operands must be row-major arrays of their own (see `_heads`)."""
+  return _bf16_matmul(transpose_w, x.dtype, w.dtype, x, w)
 
 
 class Dense(nn.Module):
@@ -244,6 +253,14 @@ class Einsum(nn.Module):
     return y.reshape(*lead, *kernel.shape[n:]) + bias.astype(y.dtype)
 
 
+def _heads(a: Array) -> Array:
+  """[B, T, N, H] -> [B N, T, H] bfloat16 as an array of its own: the barrier keeps XLA from
+  making the transpose a layout of the batched dot's operand, which YNNPACK would not take."""
+  B, T, N, H = a.shape
+  flat = jnp.transpose(a.astype(jnp.bfloat16), (0, 2, 1, 3)).reshape(-1)
+  return jax.lax.optimization_barrier(flat).reshape(B * N, T, H)
+
+
 class SelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention with padding masked out.
 
@@ -263,6 +280,9 @@ class SelfAttention(nn.Module):
     x = x.astype(cfg.compute_dtype)
     q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
                for n in ("query", "key", "value"))
+    # bfloat16 on CPU: the batched dots as cpu_bf16_batched_matmul on [B N, T, H] copies.
+    on_cpu = bf16_on_cpu(cfg.compute_dtype) and cfg.attention == "einsum"
+    B, T = x.shape[:2]
     pairs = mask.ndim == 3
     if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
       # A [B, T] mask goes in as key lengths (what cuDNN's kernel takes), pairs as a mask.
@@ -271,13 +291,22 @@ class SelfAttention(nn.Module):
       ctx = jax.nn.dot_product_attention(q, k, v, scale=H**-0.5, **visible,
                                          implementation=cfg.attention_implementation)
     else:
-      scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
+      if on_cpu:
+        scores = cpu_bf16_batched_matmul(_heads(q), _heads(k), transpose_w=True)
+        scores = scores.reshape(B, N, T, T) * H**-0.5
+      else:
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
       big_neg = jnp.finfo(jnp.float32).min
       visible = mask[:, None] if pairs else mask[:, None, None, :].astype(bool)
       scores = jnp.where(visible, scores, big_neg)
-      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 under cpu_bf16_matmul
+      probs = jax.nn.softmax(scores, axis=-1)
+      probs = probs if on_cpu else probs.astype(cfg.compute_dtype)
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-      ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+      if on_cpu:
+        ctx = cpu_bf16_batched_matmul(probs.reshape(B * N, T, T), _heads(v))
+        ctx = jnp.transpose(ctx.reshape(B, N, T, H), (0, 2, 1, 3))
+      else:
+        ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     return Einsum(cfg, "BTNH,NHD->BTD", (N, H, D), (D,), name="output")(ctx)
 
 
