@@ -358,7 +358,9 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   ours.run(opts.warmup)
   tokens = batch_size * seq_len
   if opts.against:
-    peer_dtype = config.compute_dtype.name if opts.peer_dtype == "same" else opts.peer_dtype
+    ours_bf16 = config.compute_dtype == jnp.bfloat16
+    peer_dtype = opts.peer_dtype if opts.peer_dtype != "same" else (
+        "bfloat16" if ours_bf16 else "float32")
     theirs = PeerProcess(config, batch, opts.task, peer_dtype)
     try:
       extra = _compare(ours, theirs, opts, tokens, probe_peak)
