@@ -57,10 +57,18 @@ def _row_major_transpose(a: Array) -> Array:
   """a [..., M, N] -> [..., N, M] as an array of its own. XLA gives a transpose the transposed
   layout and folds it into the dot that reads it; YNNPACK's bfloat16 kernels take row-major
   operands only, so that dot would fall back to Eigen in float32. The flat copy behind an
-  optimization barrier cannot be folded away."""
+  optimization barrier cannot be folded away. With several devices the flat copy would lose the
+  batch sharding (XLA would gather it everywhere), so there XLA places the transpose itself."""
   *lead, m, n = a.shape
+  if not _one_device():
+    return jnp.swapaxes(a, -1, -2)
   flat = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(-1))
   return flat.reshape(*lead, n, m)
+
+
+def _one_device() -> bool:
+  """Whether the step runs on one device, where a flattened copy keeps no sharding to lose."""
+  return jax.device_count() == 1
 
 
 def _dot_f32(a: Array, b: Array, b_axis: int) -> Array:
@@ -280,8 +288,8 @@ class SelfAttention(nn.Module):
     x = x.astype(cfg.compute_dtype)
     q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
                for n in ("query", "key", "value"))
-    # bfloat16 on CPU: the batched dots as cpu_bf16_batched_matmul on [B N, T, H] copies.
-    on_cpu = bf16_on_cpu(cfg.compute_dtype) and cfg.attention == "einsum"
+    # bfloat16 on one CPU: the batched dots as cpu_bf16_batched_matmul on [B N, T, H] copies.
+    on_cpu = bf16_on_cpu(cfg.compute_dtype) and cfg.attention == "einsum" and _one_device()
     B, T = x.shape[:2]
     pairs = mask.ndim == 3
     if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
@@ -300,7 +308,7 @@ class SelfAttention(nn.Module):
       visible = mask[:, None] if pairs else mask[:, None, None, :].astype(bool)
       scores = jnp.where(visible, scores, big_neg)
       probs = jax.nn.softmax(scores, axis=-1)
-      probs = probs if on_cpu else probs.astype(cfg.compute_dtype)
+      probs = probs if on_cpu else probs.astype(v.dtype)  # float32 under cpu_bf16_matmul
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
       if on_cpu:
         ctx = cpu_bf16_batched_matmul(probs.reshape(B * N, T, T), _heads(v))

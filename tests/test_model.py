@@ -184,25 +184,33 @@ def _dot_generals(jaxpr):
           yield from _dot_generals(sub)
 
 
-def test_bfloat16_on_cpu_runs_every_matmul_as_bfloat16_dots_with_float32_results():
+@pytest.mark.parametrize("one_device", [True, False])
+def test_bfloat16_on_cpu_runs_every_matmul_as_bfloat16_dots_with_float32_results(
+    one_device, monkeypatch):
   """XLA:CPU gives its bfloat16 kernels (AMX-BF16 where the CPU has it) only bfloat16 x
   bfloat16 -> float32 dots: in bfloat16 every matmul has that form, forward and both backward
-  dots, and its gradients match float32's to bfloat16's precision."""
+  dots, and its gradients match float32's to bfloat16's precision. On several devices the
+  attention's batched dots stay float32 (their operand copies would lose the batch sharding)."""
+  from bert_jax import model
+  monkeypatch.setattr(model, "_one_device", lambda: one_device)  # the tests see 8 devices
   cfg = TINY.replace(dtype="bfloat16")
   params = _pretraining_params(TINY)
   grads = jax.make_jaxpr(lambda p: _pretraining_grads(cfg, p, deterministic=True))(params)
   dots = list(_dot_generals(grads.jaxpr))
   bf16 = [e for e in dots if jnp.bfloat16 in [v.aval.dtype for v in e.invars]]
-  batched = [e for e in bf16 if e.params["dimension_numbers"][1][0]]
-  # per layer q, k, v, output, intermediate, ffn output and the attention's two batched dots;
+  batched = [e for e in dots if e.params["dimension_numbers"][1][0]]
+  # per layer q, k, v, output, intermediate, ffn output (and the attention's two batched dots);
   # pooler, NSP, MLM transform and decoder
-  assert len(bf16) == 3 * (8 * TINY.num_layers + 4) and len(batched) == 3 * 2 * TINY.num_layers
+  assert len(batched) == 3 * 2 * TINY.num_layers
+  assert len(bf16) == 3 * (6 * TINY.num_layers + 4) + (len(batched) if one_device else 0)
   for e in bf16:
     assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
     assert e.outvars[0].aval.dtype == jnp.float32, e
-  # The one float32 dot: the MLM output bias's gradient (a matmul with ones, heads.add_bias).
-  (f32,) = [e for e in dots if e not in bf16]
-  assert [v.aval.dtype for v in f32.invars] == [jnp.float32] * 2
+  # The float32 dots: the MLM output bias's gradient (a matmul with ones, heads.add_bias), and
+  # on several devices the batched ones.
+  f32 = [e for e in dots if e not in bf16]
+  assert len(f32) == 1 + (0 if one_device else len(batched))
+  assert all(v.aval.dtype == jnp.float32 for e in f32 for v in e.invars)
   _assert_trees_close(_pretraining_grads(TINY, params, deterministic=True),
                       _pretraining_grads(cfg, params, deterministic=True), tol=2e-2)
 
