@@ -307,8 +307,7 @@ class SelfAttention(nn.Module):
       big_neg = jnp.finfo(jnp.float32).min
       visible = mask[:, None] if pairs else mask[:, None, None, :].astype(bool)
       scores = jnp.where(visible, scores, big_neg)
-      probs = jax.nn.softmax(scores, axis=-1)
-      probs = probs if on_cpu else probs.astype(v.dtype)  # float32 under cpu_bf16_matmul
+      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 under cpu_bf16_matmul
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
       if on_cpu:
         ctx = cpu_bf16_batched_matmul(probs.reshape(B * N, T, T), _heads(v))
