@@ -53,17 +53,20 @@ def layer_norm(config: BertConfig, name: str) -> LayerNorm:
   return LayerNorm(config.layer_norm_eps, config.params_dtype, name=name)
 
 
+def _own_copy(a: Array) -> Array:
+  """a as a row-major array of its own. XLA gives a transpose the transposed layout and folds it
+  into the dot that reads it; YNNPACK's bfloat16 kernels take row-major operands only, so that
+  dot would fall back to Eigen in float32. A flat copy behind an optimization barrier cannot be
+  folded away (but loses any sharding: one device only, see `_one_device`)."""
+  return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+
 def _row_major_transpose(a: Array) -> Array:
-  """a [..., M, N] -> [..., N, M] as an array of its own. XLA gives a transpose the transposed
-  layout and folds it into the dot that reads it; YNNPACK's bfloat16 kernels take row-major
-  operands only, so that dot would fall back to Eigen in float32. The flat copy behind an
-  optimization barrier cannot be folded away. With several devices the flat copy would lose the
-  batch sharding (XLA would gather it everywhere), so there XLA places the transpose itself."""
-  *lead, m, n = a.shape
-  if not _one_device():
-    return jnp.swapaxes(a, -1, -2)
-  flat = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(-1))
-  return flat.reshape(*lead, n, m)
+  """a [..., M, N] -> [..., N, M], an `_own_copy` on one device. With several devices the copy
+  would lose the batch sharding (XLA would gather it everywhere), so there XLA places the
+  transpose itself."""
+  t = jnp.swapaxes(a, -1, -2)
+  return _own_copy(t) if _one_device() else t
 
 
 def _one_device() -> bool:
@@ -262,11 +265,9 @@ class Einsum(nn.Module):
 
 
 def _heads(a: Array) -> Array:
-  """[B, T, N, H] -> [B N, T, H] bfloat16 as an array of its own: the barrier keeps XLA from
-  making the transpose a layout of the batched dot's operand, which YNNPACK would not take."""
+  """[B, T, N, H] -> [B N, T, H] bfloat16, an `_own_copy` (the batched dot's row-major operand)."""
   B, T, N, H = a.shape
-  flat = jnp.transpose(a.astype(jnp.bfloat16), (0, 2, 1, 3)).reshape(-1)
-  return jax.lax.optimization_barrier(flat).reshape(B * N, T, H)
+  return _own_copy(jnp.transpose(a.astype(jnp.bfloat16), (0, 2, 1, 3))).reshape(B * N, T, H)
 
 
 class SelfAttention(nn.Module):
