@@ -254,11 +254,9 @@ class Einsum(nn.Module):
     if not bf16_on_cpu(dt):
       return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt)) + bias.astype(dt)
     # The same contraction as one 2-D matmul: "BTD,DNH->BTNH" and "BTNH,NHD->BTD" contract
-    # the kernel's leading axes with x's trailing ones.
-    operands, out_axes = self.equation.split("->")
-    x_axes, k_axes = operands.split(",")
-    n = len(set(x_axes) & set(k_axes))
-    assert x_axes[-n:] == k_axes[:n] and out_axes == x_axes[:-n] + k_axes[n:], self.equation
+    # the kernel's leading axes (those the bias, shaped like the output features, lacks) with
+    # x's trailing ones.
+    n = len(self.kernel_shape) - len(self.bias_shape)
     lead = x.shape[:x.ndim - n]
     y = cpu_bf16_matmul(x.reshape(*lead, -1), kernel.reshape(math.prod(kernel.shape[:n]), -1))
     return y.reshape(*lead, *kernel.shape[n:]) + bias.astype(y.dtype)
