@@ -5,7 +5,9 @@ import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bert_jax import optim, sharding, trainer
@@ -226,3 +228,23 @@ def test_no_weight_decay_on_biases_and_layer_norm():
   assert not mask["bert"]["embeddings"]["layer_norm"]["scale"]
   assert not mask["mlm"]["output_bias"]
   assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
+
+
+def test_gradient_clipping_matches_optax():
+  """Our clipping (one multiply by max_norm / max(norm, max_norm)) is optax's, state and all."""
+  rng = np.random.default_rng(0)
+  grads = {"a": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+  norm = float(optax.tree.norm(grads))
+  for max_norm in (norm / 3, norm * 2):   # clipped, then left alone
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    state = ours.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(theirs.init(grads))
+    got, _ = ours.update(grads, state)
+    want, _ = theirs.update(grads, theirs.init(grads))
+    for k in grads:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=0)
+    if max_norm > norm:
+      assert all(np.array_equal(got[k], grads[k]) for k in grads)
+    else:
+      np.testing.assert_allclose(float(optax.tree.norm(got)), max_norm, rtol=1e-6)
