@@ -97,15 +97,20 @@ def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
                    max_predictions: int, task: str = "pretraining") -> int:
   """Useful matmul FLOPs of one training step (3x forward): encoder projections and FFN per
   token, attention scores and context per sequence, the MLM head at the masked slots only and
-  NSP (pretraining) or the 2-way classifier, the pooler per sequence. Embedding gathers, biases,
+  NSP (pretraining) or the 2-way classifier, the pooler per sequence. With
+  `config.sparse_last_layer` (unrolled layers) the last layer's queries, output projection and
+  FFN count at the [CLS] and the masked slots only, as they run. Embedding gathers, biases,
   norms and the optimizer are not counted."""
   D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
   T, P = seq_len, max_predictions
-  layer = 2 * T * (4 * D * D + 2 * D * F) + 2 * 2 * T * T * D
+  # keys and values from all T positions; queries, output and FFN at q of them
+  layer = lambda q: 2 * T * 2 * D * D + 2 * q * (2 * D * D + 2 * D * F) + 2 * 2 * q * T * D  # noqa: E731
+  used = 1 + P if task == "pretraining" else 1
+  last = used if config.sparse_last_layer and not config.scan_layers else T
   heads = 2 * (D * D + D * 2)  # pooler, then NSP or the 2-way classifier
   if task == "pretraining":
     heads += 2 * P * (D * D + D * V)
-  return 3 * batch_size * (config.num_layers * layer + heads)
+  return 3 * batch_size * ((config.num_layers - 1) * layer(T) + layer(last) + heads)
 
 
 def model_config(variant: str, **overrides: Any) -> BertConfig:
@@ -342,7 +347,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
                      f"grad_accum = {devices} * {grad_accum} (seq_len {seq_len} positive)")
   fused = {"attention_dropout": 0.0} if attention == "dot_product" else {}  # no dropout
   config = model_config(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
-                        attention=attention, **fused,
+                        attention=attention, sparse_last_layer=opts.sparse_last_layer, **fused,
                         **({"vocab_size": opts.vocab_size} if opts.vocab_size else {}))
   if seq_len > config.max_position_embeddings:
     raise ValueError(f"--seq_len {seq_len} exceeds the position table "
@@ -381,6 +386,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
           "attention_dropout": config.attention_dropout, "grad_accum": grad_accum,
           "optimizer": opts.optimizer, "attention": attention, "devices": devices,
           "fsdp": fsdp, "scan_layers": opts.scan_layers,
+          "sparse_last_layer": config.sparse_last_layer,
           "state_bytes_per_device": ours.state_bytes_per_device,
           "backend": jax.default_backend(), "device_kind": mesh.devices.flat[0].device_kind,
           **machine(), "compile_s": ours.compile_s, "steps": len(times), **stats,
@@ -438,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--remat", type=_csv(str), default=["none"],
                  help="policy: none, full, dots_saveable, dots_with_no_batch_dims_saveable")
   p.add_argument("--scan_layers", type=_bool, default=False, help="nn.scan over the layers")
+  p.add_argument("--sparse_last_layer", type=_bool, default=True,
+                 help="the last layer at the [CLS] and masked positions only (false: everywhere)")
   p.add_argument("--devices", type=_csv(int), default=None, help="default: all devices")
   p.add_argument("--fsdp", type=_csv(int), default=[1],
                  help="devices per FSDP group (1: replicated data parallelism)")

@@ -44,6 +44,9 @@ class BertConfig:
   # "einsum" (BERT's, with attention dropout) or "dot_product": jax.nn.dot_product_attention,
   # fused (cuDNN on GPU in bfloat16/float16), key lengths instead of a mask, no attention dropout.
   attention: str = "einsum"
+  # The last layer computes only the positions the heads read (the masked-LM positions and the
+  # [CLS]s; not SQuAD's spans): keys and values still from every position. Unrolled layers only.
+  sparse_last_layer: bool = True
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):

@@ -16,11 +16,6 @@ from bert_jax.model import BertModel, Decoder, Dropout, dense, gelu, layer_norm
 Array = jax.Array
 
 
-def gather_positions(x: Array, positions: Array) -> Array:
-  """x [B, T, D], positions [B, P] int -> [B, P, D]."""
-  return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
-
-
 @jax.custom_vjp
 def add_bias(x: Array, bias: Array) -> Array:
   """x [..., V] + bias [V], whose gradient sums over the leading axes as a matmul with ones:
@@ -94,8 +89,9 @@ class SpanHead(nn.Module):
 class BertForPreTraining(nn.Module):
   """Encoder + masked-LM head (sparse, at `masked_lm_positions`) + next-sentence head.
 
-  Returns {"sequence_output", "pooled_output", "mlm_logits" [B, P, V], "nsp_logits" [B, 2]}
-  (packed rows, with position_ids and cls_positions [B, K]: "nsp_logits" [B, K, 2]).
+  Returns {"pooled_output", "mlm_logits" [B, P, V], "nsp_logits" [B, 2]} (packed rows, with
+  position_ids and cls_positions [B, K]: "nsp_logits" [B, K, 2]). The encoder gives its output at
+  the masked positions and the [CLS]s only (`BertModel`'s output_positions).
   """
 
   config: BertConfig
@@ -110,9 +106,9 @@ class BertForPreTraining(nn.Module):
                cls_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
     out = self.bert(input_ids, token_type_ids, attention_mask, position_ids, cls_positions,
-                    deterministic=deterministic)
-    masked = gather_positions(out["sequence_output"], masked_lm_positions)
-    return {**out, "mlm_logits": self.mlm(masked, self.bert.attend),
+                    masked_lm_positions, deterministic=deterministic)
+    return {"pooled_output": out["pooled_output"],
+            "mlm_logits": self.mlm(out["sequence_output"], self.bert.attend),
             "nsp_logits": self.nsp(out["pooled_output"])}
 
 
@@ -127,8 +123,9 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                position_ids: Array | None = None, cls_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
+    none = jnp.zeros((input_ids.shape[0], 0), jnp.int32)  # the pooled [CLS]s only
     out = BertModel(self.config, name="bert")(
-        input_ids, token_type_ids, attention_mask, position_ids, cls_positions,
+        input_ids, token_type_ids, attention_mask, position_ids, cls_positions, none,
         deterministic=deterministic)
     head = ClassifierHead(self.config, self.num_labels, name="classifier")
     return {"logits": head(out["pooled_output"], deterministic)}

@@ -262,6 +262,12 @@ class Einsum(nn.Module):
     return y.reshape(*lead, *kernel.shape[n:]) + bias.astype(y.dtype)
 
 
+def gather_positions(x: Array, positions: Array) -> Array:
+  """x [B, T, ...], positions [B, P] int -> [B, P, ...]."""
+  idx = positions.astype(jnp.int32).reshape(*positions.shape, *(1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
 def _heads(a: Array) -> Array:
   """[B, T, N, H] -> [B N, T, H] bfloat16, an `_own_copy` (the batched dot's row-major operand)."""
   B, T, N, H = a.shape
@@ -271,8 +277,9 @@ def _heads(a: Array) -> Array:
 class SelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention with padding masked out.
 
-  Attributes of the call: x [B, T, D]; mask [B, T] (1 = real token, 0 = padding) or, for packed
-  rows, [B, T, S] (True where query t may see key s). Returns [B, T, D] in the compute dtype.
+  Attributes of the call: x [B, S, D]; mask [B, S] (1 = real token, 0 = padding) or, for packed
+  rows, [B, T, S] (True where query t may see key s); queries [B, T, D], the rows whose outputs
+  are wanted (default x itself, T = S). Returns [B, T, D] in the compute dtype.
   With `config.attention == "dot_product"` a [B, T] mask must be real tokens first, then padding
   (as every batch of bert_jax.data is): the fused kernel takes the per-row count of real tokens
   as the key length.
@@ -281,15 +288,17 @@ class SelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               queries: Array | None = None) -> Array:
     cfg = self.config
     D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     x = x.astype(cfg.compute_dtype)
-    q, k, v = (Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(x)
-               for n in ("query", "key", "value"))
+    xq = x if queries is None else queries.astype(cfg.compute_dtype)
+    project = lambda a, n: Einsum(cfg, "BTD,DNH->BTNH", (D, N, H), (N, H), name=n)(a)  # noqa: E731
+    q, k, v = project(xq, "query"), project(x, "key"), project(x, "value")
     # bfloat16 on one CPU: the batched dots as cpu_bf16_batched_matmul on [B N, T, H] copies.
     on_cpu = bf16_on_cpu(cfg.compute_dtype) and cfg.attention == "einsum" and _one_device()
-    B, T = x.shape[:2]
+    B, T, S = xq.shape[0], xq.shape[1], x.shape[1]
     pairs = mask.ndim == 3
     if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
       # A [B, T] mask goes in as key lengths (what cuDNN's kernel takes), pairs as a mask.
@@ -300,7 +309,7 @@ class SelfAttention(nn.Module):
     else:
       if on_cpu:
         scores = cpu_bf16_batched_matmul(_heads(q), _heads(k), transpose_w=True)
-        scores = scores.reshape(B, N, T, T) * H**-0.5
+        scores = scores.reshape(B, N, T, S) * H**-0.5
       else:
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * H**-0.5
       big_neg = jnp.finfo(jnp.float32).min
@@ -309,7 +318,7 @@ class SelfAttention(nn.Module):
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 under cpu_bf16_matmul
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
       if on_cpu:
-        ctx = cpu_bf16_batched_matmul(probs.reshape(B * N, T, T), _heads(v))
+        ctx = cpu_bf16_batched_matmul(probs.reshape(B * N, T, S), _heads(v))
         ctx = jnp.transpose(ctx.reshape(B, N, T, H), (0, 2, 1, 3))
       else:
         ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
@@ -329,15 +338,24 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). [B, T, D] float32."""
+  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). [B, T, D] float32.
+
+  With positions [B, P] it computes the outputs at those positions only, [B, P, D]: keys and
+  values from every position, queries, residuals and the feed-forward at the P."""
 
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               positions: Array | None = None) -> Array:
     cfg = self.config
     drop = Dropout(cfg.hidden_dropout)
-    h = SelfAttention(cfg, name="attention")(x, mask, deterministic)
+    xq = None
+    if positions is not None:
+      xq = gather_positions(x, positions)
+      mask = gather_positions(mask, positions) if mask.ndim == 3 else mask
+    h = SelfAttention(cfg, name="attention")(x, mask, deterministic, xq)
+    x = x if xq is None else xq
     x = layer_norm(cfg, "attention_layer_norm")(x + drop(h, deterministic=deterministic))
     h = FeedForward(cfg, name="ffn")(x)
     return layer_norm(cfg, "ffn_layer_norm")(x + drop(h, deterministic=deterministic))
@@ -358,12 +376,16 @@ def _remat_layer(config: BertConfig) -> type[EncoderLayer]:
 
 class Encoder(nn.Module):
   """`num_layers` EncoderLayers, unrolled (params `layer_0` ... `layer_{L-1}`) or scanned
-  (params `layers`, each leaf with a leading [L] axis): [B, T, D] -> [B, T, D]."""
+  (params `layers`, each leaf with a leading [L] axis): [B, T, D] -> [B, T, D].
+
+  With positions [B, P] it returns the output at those positions, [B, P, D]; unrolled, with
+  `config.sparse_last_layer`, the last layer computes only them (nothing else reads it)."""
 
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               positions: Array | None = None) -> Array:
     cfg = self.config
     layer_cls = _remat_layer(cfg)
     if cfg.scan_layers:
@@ -372,22 +394,21 @@ class Encoder(nn.Module):
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
       x, _ = stack(layer_cls(cfg, name=LAYERS), x, mask, deterministic)
-      return x
+      return x if positions is None else gather_positions(x, positions)
+    sparse = positions is not None and cfg.sparse_last_layer
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
-    return x
+      last = sparse and i == cfg.num_layers - 1
+      x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic, positions if last else None)
+    return x if positions is None or sparse else gather_positions(x, positions)
 
 
 class Pooler(nn.Module):
-  """tanh(Dense(x[:, 0])): the [CLS] summary, [B, T, D] -> [B, D]; with cls_positions [B, K]
-  (packed rows) the summary of every example, [B, K, D]."""
+  """tanh(Dense(cls)): the [CLS] summary, the encoder output at [CLS] [..., D] -> [..., D]."""
 
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, cls_positions: Array | None = None) -> Array:
-    cls = x[:, 0] if cls_positions is None else jnp.take_along_axis(
-        x, cls_positions[..., None].astype(jnp.int32), axis=1)
+  def __call__(self, cls: Array) -> Array:
     return jnp.tanh(dense(self.config, self.config.hidden_size, "dense")(cls))
 
 
@@ -408,6 +429,10 @@ class BertModel(nn.Module):
   Packed rows (bert_jax.packing) also pass position_ids [B, T] (restarting at each example) and
   cls_positions [B, K] (each example's [CLS]); attention_mask then numbers the examples of a row
   (0 = padding, 1..K), attention is block-diagonal, and pooled_output is [B, K, D].
+
+  output_positions [B, P] (P may be 0) asks for the sequence output at those positions only:
+  "sequence_output" is then [B, P, D], and with `config.sparse_last_layer` the last layer runs
+  at them and the [CLS]s alone (the masked-LM head and the classifier read nothing else).
   """
 
   config: BertConfig
@@ -419,7 +444,7 @@ class BertModel(nn.Module):
 
   def __call__(self, input_ids: Array, token_type_ids: Array | None = None,
                attention_mask: Array | None = None, position_ids: Array | None = None,
-               cls_positions: Array | None = None, *,
+               cls_positions: Array | None = None, output_positions: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
@@ -428,8 +453,17 @@ class BertModel(nn.Module):
     if cls_positions is not None:
       attention_mask = packed_attention_mask(attention_mask)
     x = self.embeddings(input_ids, token_type_ids, deterministic, position_ids)
-    x = self.encoder(x, attention_mask, deterministic).astype(jnp.float32)
-    pooled = self.pooler(x, cls_positions).astype(jnp.float32)
+    if output_positions is None:
+      x = self.encoder(x, attention_mask, deterministic).astype(jnp.float32)
+      at_cls = x[:, :1] if cls_positions is None else gather_positions(x, cls_positions)
+    else:  # the [CLS]s first (position 0 of each row, or of each packed example)
+      cls = (jnp.zeros((x.shape[0], 1), jnp.int32) if cls_positions is None
+             else cls_positions.astype(jnp.int32))
+      wanted = jnp.concatenate([cls, output_positions.astype(jnp.int32)], axis=1)
+      y = self.encoder(x, attention_mask, deterministic, wanted).astype(jnp.float32)
+      x, at_cls = y[:, cls.shape[1]:], y[:, :cls.shape[1]]
+    pooled = self.pooler(at_cls).astype(jnp.float32)
+    pooled = pooled[:, 0] if cls_positions is None else pooled
     return {"sequence_output": x, "pooled_output": pooled}
 
   def attend(self, x: Array) -> Array:

@@ -16,6 +16,7 @@ from bert_jax import checkpoint, convert
 from bert_jax import params as layout
 from bert_jax.config import get_variant
 from bert_jax.heads import BertForPreTraining
+from bert_jax.model import BertModel
 
 HF_TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                intermediate_size=37, max_position_embeddings=64)
@@ -59,6 +60,8 @@ def _reference(model) -> dict[str, np.ndarray]:
 
 def _ours(config, params) -> dict[str, np.ndarray]:
   out = BertForPreTraining(config).apply({"params": params}, *_batch(), POSITIONS)
+  out["sequence_output"] = BertModel(config).apply({"params": params["bert"]},
+                                                  *_batch())["sequence_output"]
   return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -167,7 +167,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   bf16 = BertForPreTraining(TINY.replace(dtype="bfloat16")).apply(params, ids, types, mask, pos)
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: x.dtype == jnp.float32, bf16))
   # bf16 has an 8-bit mantissa: after 2 layers outputs agree to ~2e-2 (LayerNorm keeps scale ~1).
-  for key in ("sequence_output", "mlm_logits", "nsp_logits"):
+  for key in ("pooled_output", "mlm_logits", "nsp_logits"):
     np.testing.assert_allclose(f32[key], bf16[key], atol=5e-2)
 
 
@@ -298,6 +298,54 @@ def test_scanned_program_does_not_grow_with_depth():
         params).jaxpr.eqns)
 
   assert equations(2) == equations(6)
+
+
+def _packed_batch():
+  """_batch()'s tokens as packed rows: examples 1..K per row (0 = padding), positions restarting
+  at each example, and each example's [CLS] (unused slots 0)."""
+  ids, types, _ = _batch()
+  examples = np.array([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11,
+                       [1] * 3 + [2] * 3 + [3] * 3 + [0] * 2])
+  cls = np.array([[0, 5, 0], [0, 0, 0], [0, 3, 6]], np.int32)
+  starts = np.take_along_axis(cls, np.maximum(examples - 1, 0), axis=1)
+  positions = np.where(examples > 0, np.arange(11)[None] - starts, 0).astype(np.int32)
+  return ids, types, examples.astype(np.int32), positions, cls
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("attention,dtype", [("einsum", "float32"), ("dot_product", "float32"),
+                                             ("einsum", "bfloat16")])
+def test_sparse_last_layer_equals_the_full_one(attention, dtype, packed):
+  """The last layer at the [CLS]s and masked positions only (config.sparse_last_layer) gives the
+  full last layer's logits and gradients, dropout off: pretraining and classification, padded
+  and packed rows, einsum and fused attention, float32 and bfloat16 (CPU's AMX path)."""
+  full = TINY.replace(hidden_dropout=0.0, attention_dropout=0.0, attention=attention,
+                      dtype=dtype, sparse_last_layer=False)
+  sparse = full.replace(sparse_last_layer=True)
+  ids, types, mask, *rest = _packed_batch() if packed else _batch()
+  pos = np.array([[1, 2, 3], [6, 0, 0], [1, 3, 2]], np.int32)
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  pretrain = lambda c: lambda p: BertForPreTraining(c).apply(  # noqa: E731
+      {"params": p}, ids, types, mask, pos, *rest)
+  classify = lambda c: lambda p: BertForSequenceClassification(c, num_labels=3).apply(  # noqa: E731
+      {"params": p}, ids, types, mask, *rest)
+  params = {"pretrain": _pretraining_params(full),
+            "classify": BertForSequenceClassification(full, num_labels=3).init(
+                jax.random.key(1), ids, types, mask)["params"]}
+  def loss(model):
+    return lambda p: sum(x.sum() for x in jax.tree_util.tree_leaves(model(p)))
+
+  for task, model in (("pretrain", pretrain), ("classify", classify)):
+    _assert_trees_close(model(full)(params[task]), model(sparse)(params[task]), tol)
+    _assert_trees_close(jax.grad(loss(model(full)))(params[task]),
+                        jax.grad(loss(model(sparse)))(params[task]), tol)
+  # ...and the last layer's feed-forward runs on B x (K + P) rows, not B x T.
+  ffn = lambda c: sorted(  # noqa: E731  rows of the forward FFN dots ([B, T, F] or [B T, F])
+      int(np.prod(e.outvars[0].aval.shape[:-1])) for e in _dot_generals(jax.make_jaxpr(
+          pretrain(c))(params["pretrain"]).jaxpr)
+      if e.outvars[0].aval.shape[-1] == TINY.intermediate_size)
+  used = (3 if packed else 1) + pos.shape[1]
+  assert ffn(full) == [3 * 11] * 2 and ffn(sparse) == [3 * used, 3 * 11]
 
 
 def test_task_models_share_the_encoder_tree():
