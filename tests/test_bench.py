@@ -20,13 +20,15 @@ KEYS = ("task", "variant", "batch_size", "seq_len", "dtype", "devices", "backend
 
 def tiny_training_flops(batch: int, seq: int, preds: int, v: int = 30522) -> int:
   """BERT-tiny (2 layers, hidden 128, FFN 512, vocab v) as a list of matmuls [m, k] @ [k, n]."""
-  layers, d, f = 2, 128, 512
-  tokens = batch * seq
-  per_layer = [(tokens, d, d)] * 4 + [(tokens, d, f), (tokens, f, d)]  # q, k, v, out; FFN
-  per_layer += [(batch * seq, d, seq)] * 2  # scores q.k over all heads; probs.v
+  d, f, tokens = 128, 512, batch * seq
+
+  def layer(rows):  # k, v from every token; q, out, FFN and attention at `rows` query rows
+    return ([(tokens, d, d)] * 2 + [(rows, d, d)] * 2 + [(rows, d, f), (rows, f, d)]
+            + [(rows, d, seq)] * 2)  # scores q.k over all heads; probs.v
+  # sparse_last_layer: the second (last) layer at the [CLS] and the masked positions only
   heads = [(batch * preds, d, d), (batch * preds, d, v)]  # MLM transform, tied decoder
   heads += [(batch, d, d), (batch, d, 2)]  # pooler, NSP
-  forward = sum(2 * m * k * n for m, k, n in per_layer * layers + heads)
+  forward = sum(2 * m * k * n for m, k, n in layer(tokens) + layer(batch * (1 + preds)) + heads)
   return 3 * forward
 
 
@@ -66,7 +68,8 @@ def test_fine_tuning_step_and_custom_sizes():
       "classification", 3, 48, 4, 2)
   d, f, b, t = 48, 192, 4, 32
   layer = 2 * t * (4 * d * d + 2 * d * f) + 2 * 2 * t * t * d
-  assert r["flops_per_step_analytic"] == 3 * b * (3 * layer + 2 * (d * d + 2 * d))
+  last = 2 * t * 2 * d * d + 2 * (2 * d * d + 2 * d * f) + 2 * 2 * t * d  # at [CLS] only
+  assert r["flops_per_step_analytic"] == 3 * b * (2 * layer + last + 2 * (d * d + 2 * d))
   assert r["tokens_per_s"] > 0 and r["compiles"] == 1
 
 
