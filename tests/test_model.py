@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bert_jax import packing
 from bert_jax import params as layout
 from bert_jax.config import REMAT_POLICIES, BertConfig, get_variant, resolve_dtype
 from bert_jax.errors import ConfigError
@@ -301,15 +302,18 @@ def test_scanned_program_does_not_grow_with_depth():
 
 
 def _packed_batch():
-  """_batch()'s tokens as packed rows: examples 1..K per row (0 = padding), positions restarting
-  at each example, and each example's [CLS] (unused slots 0)."""
-  ids, types, _ = _batch()
-  examples = np.array([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11,
-                       [1] * 3 + [2] * 3 + [3] * 3 + [0] * 2])
-  cls = np.array([[0, 5, 0], [0, 0, 0], [0, 3, 6]], np.int32)
-  starts = np.take_along_axis(cls, np.maximum(examples - 1, 0), axis=1)
-  positions = np.where(examples > 0, np.arange(11)[None] - starts, 0).astype(np.int32)
-  return ids, types, examples.astype(np.int32), positions, cls
+  """Six examples (lengths 5, 4, 11, 3, 3, 3) packed by bert_jax.packing into 3 rows of 11
+  tokens, [0, 1], [2] and [3, 4, 5]: input_ids, segment_ids, example numbers, position_ids and
+  cls_positions."""
+  lengths = np.array([5, 4, 11, 3, 3, 3])
+  real = np.arange(11)[None] < lengths[:, None]
+  ids = np.random.default_rng(0).integers(1, 99, (6, 11)) * real
+  types = (np.arange(11)[None] >= lengths[:, None] // 2) * real
+  layout = packing.Layout.of([[0, 1], [2], [3, 4, 5]], lengths)
+  p = packing.packed_features({"input_ids": ids.astype(np.int32),
+                               "segment_ids": types.astype(np.int32)}, layout)
+  return (p["input_ids"], p["segment_ids"], p["input_mask"], p["position_ids"],
+          p["cls_positions"])
 
 
 @pytest.mark.parametrize("packed", [False, True])
