@@ -18,7 +18,11 @@ With --against hf-torch the peer runs in its own process (bert_jax.bench_peer), 
 alternating round by round, in the precision of our side unless --peer_dtype says otherwise
 (bfloat16: torch.autocast on the CPU); every record names the machine (CPU model or
 accelerator), the library versions and each framework's float32 and bfloat16 matmul peaks
-measured in the run.
+measured in the run. --json appends to its file, so that several commands collect one file.
+--profile DIR traces --profile_steps more steps with the JAX profiler (a TensorBoard/Perfetto
+trace per configuration under DIR) and prints where their time goes: op time per part of the
+model (matmuls, optimizer, dropout, layer norm, attention, ...), the matmuls' FLOP rate and the
+slowest ops (bert_jax.step_profile).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import optim, sharding, trainer
+from bert_jax import optim, sharding, step_profile, trainer
 from bert_jax.config import ATTENTIONS, VARIANTS, BertConfig, get_variant
 
 # Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
@@ -233,9 +237,9 @@ class OursRunner:
                                        objective=objective, tx=tx, schedule=schedule,
                                        grad_accum=grad_accum)
     start = time.perf_counter()
-    compiled = self.step.lower(self.state, self.batch).compile()
+    self.compiled = self.step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
-    self.xla_flops = _xla_flops(compiled)
+    self.xla_flops = _xla_flops(self.compiled)
 
   def run(self, steps: int) -> list[float]:
     times = []
@@ -294,7 +298,7 @@ class PeerProcess:
   def run(self, steps: int) -> list[float]:
     return self._ask(f"run {steps}")["times"] if steps else []
 
-  def peaks(self) -> dict[str, float]:
+  def peaks(self) -> dict[str, dict[str, float]]:
     return self._ask("peaks")
 
   def close(self) -> None:
@@ -334,8 +338,14 @@ def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, to
           "peer_dtype": theirs.dtype,
           "hf_tokens_per_s": tokens / statistics.median(hf_times),
           "hf_step_s_median": statistics.median(hf_times),
-          "torch_matmul_peak_flops": theirs.peaks(), "torch_threads": theirs.info["threads"],
+          **{f"torch_matmul_peak_{k}": v for k, v in theirs.peaks().items()},  # flops, n
+          "torch_threads": theirs.info["threads"],
           "ratios": ratios, "ratio_median": statistics.median(ratios)}
+
+
+def _label(*values: Any) -> str:
+  """A directory name for one configuration: its values joined by '_'."""
+  return "_".join(str(v) for v in values)
 
 
 def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: int, dtype: str,
@@ -374,6 +384,11 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
     times = extra.pop("our_step_times")
   else:
     extra, times = {}, ours.run(opts.steps)
+  if opts.profile:
+    extra["profile"] = step_profile.profile_steps(
+        ours.run, ours.compiled.as_text(), os.path.join(opts.profile, _label(
+            variant, batch_size, seq_len, config.compute_dtype.name, remat, grad_accum, devices,
+            fsdp, attention)), opts.profile_steps, devices=len(mesh.local_devices))
   peak = probe_peak()
   flops = analytic_flops(config, batch_size, seq_len, preds, opts.task)
   stats = _step_stats(times, tokens, batch_size)
@@ -455,7 +470,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="einsum and/or dot_product: jax.nn.dot_product_attention (cuDNN on GPU), "
                       "no attention dropout")
   p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
-  p.add_argument("--json", default=None, help="write JSON lines to this file ('-': stdout)")
+  p.add_argument("--json", default=None,
+                 help="append a JSON line per configuration to this file ('-': stdout)")
+  p.add_argument("--profile", default=None,
+                 help="trace steps with the JAX profiler into this directory and print where "
+                      "their time goes")
+  p.add_argument("--profile_steps", type=int, default=2, help="steps traced with --profile")
   p.add_argument("--against", choices=("hf-torch",), default=None)
   p.add_argument("--peer_dtype", choices=("same", "float32", "bfloat16"), default="same",
                  help="the peer's precision: same as ours, float32, or bfloat16 (torch.autocast)")
@@ -466,6 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for kind in opts.attention:
     if kind not in ATTENTIONS:
       p.error(f"--attention: {kind!r} is not one of {', '.join(ATTENTIONS)}")
+  if opts.profile_steps < 1:
+    p.error(f"--profile_steps: {opts.profile_steps} is not a positive number of steps")
   return opts
 
 
@@ -473,7 +495,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Runs every combination of the comma-separated flags; prints a table; returns the records."""
   opts = parse_args(argv)
   devices = opts.devices or [jax.device_count()]
-  out = None if not opts.json else sys.stdout if opts.json == "-" else open(opts.json, "w")
+  out = None if not opts.json else sys.stdout if opts.json == "-" else open(opts.json, "a")
   records = []
   try:
     for combo in itertools.product(opts.variant, opts.batch_size, opts.seq_len, opts.dtype,
@@ -485,7 +507,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   finally:
     if out and out is not sys.stdout:
       out.close()
-  print(format_table(records), file=sys.stderr if out is sys.stdout else sys.stdout)
+  text = sys.stderr if out is sys.stdout else sys.stdout
+  print(format_table(records), file=text)
+  for r in records:
+    if "profile" in r:
+      print(f"\n{_label(r['variant'], r['batch_size'], r['seq_len'], r['dtype'])}: "
+            + step_profile.format_breakdown(r["profile"], r["peak_flops_per_s"] / r["devices"]),
+            file=text)
   return records
 
 

@@ -6,7 +6,8 @@ Started by `python -m bert_jax.bench --against hf-torch`, never by hand. It read
 (BertConfig JSON), the batch (.npz) and the task from its arguments, builds the model, prints one
 JSON line {"ready": ...}, then answers commands on stdin, one JSON line each:
   run N    -> {"times": [seconds of each of N steps]}
-  peaks    -> {"float32": FLOP/s, "bfloat16": FLOP/s}: torch's best 2048^3 matmul so far
+  peaks    -> {"flops": {"float32": FLOP/s, "bfloat16": FLOP/s}, "n": {dtype: n}}: torch's best
+              n^3 matmul so far (n 2048, smaller for a dtype too slow for it: TorchMatmulPeak)
   quit
 Only torch, transformers and numpy are imported here, so neither side's runtime shares a process
 (or its threads and allocator) with the other's.
@@ -92,24 +93,44 @@ class Runner:
 
 
 class TorchMatmulPeak:
-  """torch's best FLOP/s on a 2048^3 matmul, float32 and bfloat16, kept over the run."""
+  """torch's best FLOP/s on an n^3 matmul, float32 and bfloat16, kept over the run. n is 2048,
+  or smaller for a dtype so slow that a 2048^3 matmul would take over a second: on a CPU without
+  bfloat16 instructions torch's bfloat16 matmul ran at 0.3 GFLOP/s (AMD EPYC, AVX2 only), a
+  minute per 2048^3 product."""
 
-  def __init__(self, n: int = 2048):
+  def __init__(self, n: int = 2048, seconds: float = 1.0):
     import torch
-    self.torch, self.n = torch, n
-    self.operands = {name: tuple(torch.randn(n, n, dtype=dtype) for _ in range(2))
-                     for name, dtype in (("float32", torch.float32),
-                                         ("bfloat16", torch.bfloat16))}
-    self.best = {name: 0.0 for name in self.operands}
+    self.torch, self.n, self.seconds = torch, n, seconds
+    self.dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    self.operands, self.sizes = {}, {}
+    self.best = {name: 0.0 for name in self.dtypes}
+
+  def _time(self, a, b) -> float:
+    start = time.perf_counter()
+    self.torch.matmul(a, b)
+    return time.perf_counter() - start
+
+  def _operands(self, name: str):
+    """The dtype's pair of operands, sized on first use from the rate of a 256^3 product."""
+    if name not in self.operands:
+      randn = lambda n: self.torch.randn(n, n, dtype=self.dtypes[name])  # noqa: E731
+      small = randn(256)
+      self._time(small, small)
+      rate = 2 * 256**3 / self._time(small, small)
+      n = self.n
+      while n > 256 and 2 * n**3 / rate > self.seconds:
+        n //= 2
+      self.sizes[name] = n
+      self.operands[name] = (randn(n), randn(n))
+    return self.operands[name]
 
   def probe(self, repeats: int = 3) -> dict[str, float]:
-    for name, (a, b) in self.operands.items():
+    for name in self.dtypes:
+      a, b = self._operands(name)
       self.torch.matmul(a, b)
       for _ in range(repeats):
-        start = time.perf_counter()
-        self.torch.matmul(a, b)
-        self.best[name] = max(self.best[name], 2 * self.n**3 / (time.perf_counter() - start))
-    return dict(self.best)
+        self.best[name] = max(self.best[name], 2 * self.sizes[name]**3 / self._time(a, b))
+    return {"flops": dict(self.best), "n": dict(self.sizes)}
 
 
 def serve(runner: Runner, peak: TorchMatmulPeak, stdin=sys.stdin, stdout=sys.stdout) -> None:

@@ -183,8 +183,9 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective,
   else:
     grads, sums = _accumulate(grad_fn, state.params, batch, rng, grad_accum, mesh)
     grads = jax.lax.with_sharding_constraint(grads, sharding.state_shardings(mesh, grads))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("optimizer"):  # names the update's ops in profiles (step_profile)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   metrics = {**objective.metrics(sums), "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step)}
   metrics["nonfinite"] = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))

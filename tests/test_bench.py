@@ -1,5 +1,6 @@
 """The step-throughput benchmark: records, FLOP counts, combinations, the Hugging Face A/B path."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -51,6 +52,24 @@ def test_one_sane_record_per_combination(tmp_path):
     assert 0 < r["mfu"] and r["peak_flops_per_s"] > 0 and r["peak_source"].startswith("measured")
     assert r["cpu_model"] and r["versions"]["jax"] == jax.__version__
     assert set(r["xla_matmul_peak_flops"]) == {"float32", "bfloat16"}
+
+
+def test_profile_finds_every_matmul_and_names_the_parts_of_the_step(tmp_path):
+  (r,) = bench.main(TINY + ["--devices", "2", "--profile", str(tmp_path)])
+  p = r["profile"]
+  assert glob.glob(os.path.join(p["trace_dir"], "**", "*.xplane.pb"), recursive=True)
+  parts = p["categories"]
+  assert {"matmul", "optimizer", "dropout", "layer norm", "attention (softmax, masks)",
+          "feed-forward (GELU)", "embeddings", "collective"} <= set(parts)
+  assert all(v["s"] > 0 for v in parts.values())
+  assert sum(v["s"] for v in parts.values()) == pytest.approx(p["op_s_per_step"])
+  assert sum(v["share"] for v in parts.values()) == pytest.approx(1.0)
+  # One device's dots are half the step's analytic FLOPs, plus the MLM output bias's gradient,
+  # a matmul with ones over the masked positions: 2 x (4 / 2 rows x 5 positions) x 30522.
+  assert p["matmul_flops_per_step"] == r["flops_per_step_analytic"] // 2 + 2 * 2 * 5 * 30522
+  assert p["matmul_flops_per_s"] == pytest.approx(
+      p["matmul_flops_per_step"] / p["matmul_s_per_step"])
+  assert [o["ms"] for o in p["top_ops"]] == sorted((o["ms"] for o in p["top_ops"]), reverse=True)
 
 
 @pytest.mark.slow  # CI: fused attention against einsum in tests/test_model.py and test_packing.py
@@ -115,7 +134,9 @@ def test_against_hf_torch_gives_a_ratio():
   assert r["vocab_size"] == 8000
   assert r["flops_per_step_analytic"] == tiny_training_flops(4, 32, 5, v=8000)
   assert r["ratio_median"] > 0 and r["hf_tokens_per_s"] > 0
-  assert set(r["torch_matmul_peak_flops"]) == {"float32", "bfloat16"}
+  assert set(r["torch_matmul_peak_flops"]) == set(r["torch_matmul_peak_n"]) == {
+      "float32", "bfloat16"}
+  assert all(n in (256, 512, 1024, 2048) for n in r["torch_matmul_peak_n"].values())
   assert r["peer_process"] != os.getpid()  # the peer ran in a process of its own
 
 

@@ -102,8 +102,10 @@ def test_fused_attention_matches_einsum():
   fused = einsum.replace(attention="dot_product")
   assert fused.attention_implementation == "xla"  # on CPU; "cudnn" on GPU in bfloat16
   params = _pretraining_params(einsum)
+  # 1e-6, relative where the values exceed 1: a few gradients are near 16, where one float32
+  # step is 1.9e-6 (summation orders differ between the two paths and between CPUs).
   close = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a, b)
   for deterministic in (True, False):
     close(*(BertForPreTraining(c).apply({"params": params}, ids, types, mask, pos,
                                         deterministic=deterministic) for c in (einsum, fused)))

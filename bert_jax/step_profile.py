@@ -1,0 +1,188 @@
+"""Where a step's time goes: op time per part of the model, from a JAX profiler trace.
+
+`profile_steps` runs a few steps of a compiled step under `jax.profiler.trace` (a TensorBoard /
+Perfetto trace is left in the directory) and adds up the time of every executed HLO op of the
+step's module. Each op is put in one category, from the compiled HLO (backend-independent):
+
+- `matmul`: an op that contains a dot or a convolution (a YNNPACK/oneDNN fusion on CPU, a
+  cuBLAS/cuDNN call or a fusion on GPU/TPU), `attention (fused)`: a fused attention kernel;
+- `collective`: all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute;
+- then by the JAX name scope of the op's source (its `op_name` metadata): `optimizer` (the
+  trainer's update, under the `optimizer` name scope), `dropout`, `layer norm`, `attention
+  (softmax, masks)`, `feed-forward (GELU)`, `embeddings`, `encoder (residual adds)`, `heads,
+  losses, other`; `copy/transpose` for layout copies.
+
+Op times can add up to more than the step's wall time: XLA:CPU runs independent ops at once.
+The matmul rate is the dots' FLOPs (2 x output size x contracted size, from the HLO shapes)
+over the matmul ops' time; None where no dot is visible (library calls).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# (category, pattern searched in the op_name metadata), first match wins
+SCOPES = (("optimizer", r"/optimizer/"), ("dropout", r"(?i)dropout"),
+          ("layer norm", r"layer_norm"), ("attention (softmax, masks)", r"/attention/"),
+          ("feed-forward (GELU)", r"/ffn/"), ("embeddings", r"/embeddings/"),
+          ("encoder (residual adds)", r"/encoder/"), ("heads, losses, other", r""))
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?|\w+\[\]) "
+                    r"([\w\-]+)\((.*)$")
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  shape: str
+  opcode: str
+  rest: str  # operands and attributes
+
+  @property
+  def called(self) -> list[str]:
+    return re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)",
+                      self.rest)
+
+  @property
+  def op_name(self) -> str:
+    m = re.search(r'op_name="([^"]*)"', self.rest)
+    return m.group(1) if m else ""
+
+
+def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[str]]]:
+  """Compiled HLO text -> (instruction by name, instruction names by computation)."""
+  instrs, comps, current = {}, {}, None
+  for line in text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      words = line.split()
+      current = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      comps[current] = []
+    elif current is not None:
+      m = _INSTR.match(line)
+      if m:
+        instrs[m.group(1)] = Instr(m.group(1), m.group(2), m.group(3), m.group(4))
+        comps[current].append(m.group(1))
+  return instrs, comps
+
+
+def _dims(shape: str) -> list[int]:
+  m = re.match(r"\w+\[([\d,]*)\]", shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _dot_flops(dot: Instr, instrs: dict[str, Instr]) -> int:
+  """2 x output elements x contracted elements of one dot."""
+  lhs = instrs.get(re.match(r"\s*%?([\w.\-]+)", dot.rest).group(1))
+  m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.rest)
+  if lhs is None or m is None:
+    return 0
+  dims = _dims(lhs.shape)
+  contracted = math.prod(dims[int(i)] for i in m.group(1).split(",") if i)
+  return 2 * math.prod(_dims(dot.shape)) * contracted
+
+
+def _inside(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]) -> list[Instr]:
+  """The instruction and every instruction of the computations it calls, recursively."""
+  out, todo, seen = [], [name], set()
+  while todo:
+    instr = instrs.get(todo.pop())
+    if instr is None:
+      continue
+    out.append(instr)
+    for comp in instr.called:
+      if comp not in seen:
+        seen.add(comp)
+        todo.extend(comps.get(comp, []))
+  return out
+
+
+def categorise(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]
+               ) -> tuple[str, int]:
+  """(category, dot FLOPs) of one executed op."""
+  body = _inside(name, instrs, comps)
+  targets = " ".join(i.rest for i in body if i.opcode == "custom-call").lower()
+  if "fmha" in targets or "flash" in targets or "dot_product_attention" in targets:
+    return "attention (fused)", 0
+  dots = [i for i in body if i.opcode == "dot"]
+  if dots or any(i.opcode == "convolution" for i in body) or "gemm" in targets:
+    return "matmul", sum(_dot_flops(d, instrs) for d in dots)
+  if any(i.opcode.removesuffix("-start").removesuffix("-done") in COLLECTIVES for i in body):
+    return "collective", 0
+  if body and all(i.opcode in ("copy", "transpose", "bitcast", "parameter", "fusion")
+                  for i in body):
+    return "copy/transpose", 0
+  scope = next((i.op_name for i in body if i.op_name), "")
+  return next(cat for cat, pattern in SCOPES if re.search(pattern, scope)), 0
+
+
+def op_times(trace_dir: str, names: set[str]) -> dict[str, float]:
+  """Seconds per op name over every trace file under `trace_dir`, for names in `names`."""
+  from jax.profiler import ProfileData
+  times = collections.Counter()
+  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+    for plane in ProfileData.from_file(path).planes:
+      for line in plane.lines:
+        for event in line.events:
+          if event.name in names:
+            times[event.name] += event.duration_ns * 1e-9
+  return dict(times)
+
+
+def breakdown(hlo_text: str, times: dict[str, float], runs: int, top: int = 10
+              ) -> dict[str, Any]:
+  """Op time per run of the module (`times` summed over `runs` = steps x devices) by category,
+  the matmul rate and the `top` slowest ops. FLOPs are those of one device's program."""
+  instrs, comps = parse_hlo(hlo_text)
+  per_category, flops, matmul_s, ops = collections.Counter(), 0, 0.0, []
+  for name, seconds in times.items():
+    category, dot_flops = categorise(name, instrs, comps)
+    per_category[category] += seconds / runs
+    if category == "matmul":
+      flops += dot_flops
+      matmul_s += seconds / runs
+    shape = instrs[name].shape
+    ops.append({"op": name, "category": category, "ms": 1e3 * seconds / runs,
+                "shape": shape if len(shape) <= 60 else shape[:57] + "..."})
+  total = sum(per_category.values())
+  return {"op_s_per_step": total,
+          "categories": {k: {"s": v, "share": v / total if total else 0.0}
+                         for k, v in per_category.most_common()},
+          "matmul_flops_per_step": flops, "matmul_s_per_step": matmul_s,
+          "matmul_flops_per_s": flops / matmul_s if flops and matmul_s else None,
+          "top_ops": sorted(ops, key=lambda o: -o["ms"])[:top]}
+
+
+def profile_steps(run: Callable[[int], Any], hlo_text: str, trace_dir: str, steps: int = 2,
+                  devices: int = 1) -> dict[str, Any]:
+  """Runs `run(steps)` under the profiler, writing the trace to `trace_dir`, and returns the
+  breakdown per step and device (`devices`: the devices running the module in this process)."""
+  instrs, _ = parse_hlo(hlo_text)
+  with jax.profiler.trace(trace_dir):
+    run(steps)
+  result = breakdown(hlo_text, op_times(trace_dir, set(instrs)), steps * devices)
+  return {"trace_dir": trace_dir, "steps": steps, **result}
+
+
+def format_breakdown(result: dict[str, Any], peak: float | None = None) -> str:
+  """The breakdown as text: one line per category, the matmul rate, the slowest ops."""
+  lines = [f"op time per step and device {1e3 * result['op_s_per_step']:.1f} ms "
+           f"(trace in {result['trace_dir']})"]
+  for cat, v in result["categories"].items():
+    lines.append(f"  {cat:28s} {1e3 * v['s']:9.1f} ms {v['share']:6.1%}")
+  rate = result["matmul_flops_per_s"]
+  if rate:
+    of_peak = f", {rate / peak:.0%} of the peak" if peak else ""
+    lines.append(f"  matmuls run at {rate / 1e9:.1f} GFLOP/s{of_peak}")
+  lines.append("  slowest ops:")
+  lines += [f"    {o['ms']:8.2f} ms  {o['category']:28s} {o['op']} {o['shape']}"
+            for o in result["top_ops"]]
+  return "\n".join(lines)
