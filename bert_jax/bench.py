@@ -102,15 +102,16 @@ def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
   """Useful matmul FLOPs of one training step (3x forward): encoder projections and FFN per
   token, attention scores and context per sequence, the MLM head at the masked slots only and
   NSP (pretraining) or the 2-way classifier, the pooler per sequence. With
-  `config.sparse_last_layer` (unrolled layers) the last layer's queries, output projection and
-  FFN count at the [CLS] and the masked slots only, as they run. Embedding gathers, biases,
+  `config.sparse_last_layer` the last layer's queries, output projection and FFN count at the
+  [CLS] and the masked slots only, as they run (a scanned encoder of one layer runs it whole). Embedding gathers, biases,
   norms and the optimizer are not counted."""
   D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
   T, P = seq_len, max_predictions
   # keys and values from all T positions; queries, output and FFN at q of them
   layer = lambda q: 2 * T * 2 * D * D + 2 * q * (2 * D * D + 2 * D * F) + 2 * 2 * q * T * D  # noqa: E731
   used = 1 + P if task == "pretraining" else 1
-  last = used if config.sparse_last_layer and not config.scan_layers else T
+  sparse = config.sparse_last_layer and (config.num_layers > 1 or not config.scan_layers)
+  last = used if sparse else T
   heads = 2 * (D * D + D * 2)  # pooler, then NSP or the 2-way classifier
   if task == "pretraining":
     heads += 2 * P * (D * D + D * V)

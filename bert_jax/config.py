@@ -45,7 +45,8 @@ class BertConfig:
   # fused (cuDNN on GPU in bfloat16/float16), key lengths instead of a mask, no attention dropout.
   attention: str = "einsum"
   # The last layer computes only the positions the heads read (the masked-LM positions and the
-  # [CLS]s; not SQuAD's spans): keys and values still from every position. Unrolled layers only.
+  # [CLS]s; not SQuAD's spans): keys and values still from every position. Scanned layers too
+  # (the layers before it in a scan, then the last one on its own).
   sparse_last_layer: bool = True
 
   def __post_init__(self):

@@ -374,12 +374,31 @@ def _remat_layer(config: BertConfig) -> type[EncoderLayer]:
                   prevent_cse=not config.scan_layers)
 
 
+def _scan_then_last(layer: EncoderLayer, stacked: dict, x: Array, mask: Array,
+                    deterministic: bool, positions: Array, rng: Array | None) -> Array:
+  """The scanned encoder with a sparse last layer: layers 0 ... L-2 in a scan over the stacked
+  params [L, ...] (each step indexes its layer's slice, nothing is copied), then layer L-1 at
+  `positions` only. Each layer's dropout key is one of `rng` split L ways."""
+  num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  keys = None if rng is None else jax.random.split(rng, num_layers)
+
+  def run(i, x, at=None):
+    params = jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+    rngs = {} if keys is None else {"dropout": keys[i]}
+    return layer.apply({"params": params}, x, mask, deterministic, at, rngs=rngs)
+
+  x, _ = jax.lax.scan(lambda x, i: (run(i, x), None), x, jnp.arange(num_layers - 1))
+  return run(num_layers - 1, x, positions)
+
+
 class Encoder(nn.Module):
   """`num_layers` EncoderLayers, unrolled (params `layer_0` ... `layer_{L-1}`) or scanned
   (params `layers`, each leaf with a leading [L] axis): [B, T, D] -> [B, T, D].
 
-  With positions [B, P] it returns the output at those positions, [B, P, D]; unrolled, with
-  `config.sparse_last_layer`, the last layer computes only them (nothing else reads it)."""
+  With positions [B, P] it returns the output at those positions, [B, P, D]; with
+  `config.sparse_last_layer` the last layer computes only them (nothing else reads it). Scanned,
+  that runs as `_scan_then_last` on the stacked params that `nn.scan` created at init."""
 
   config: BertConfig
 
@@ -388,6 +407,12 @@ class Encoder(nn.Module):
                positions: Array | None = None) -> Array:
     cfg = self.config
     layer_cls = _remat_layer(cfg)
+    sparse = positions is not None and cfg.sparse_last_layer
+    if cfg.scan_layers and sparse and cfg.num_layers > 1 and not self.is_initializing():
+      rng = None if deterministic or cfg.hidden_dropout == cfg.attention_dropout == 0 else (
+          self.make_rng("dropout"))
+      return _scan_then_last(layer_cls(cfg), self.variables["params"][LAYERS], x, mask,
+                             deterministic, positions, rng)
     if cfg.scan_layers:
       body = lambda layer, x, mask, deterministic: (layer(x, mask, deterministic), None)
       stack = nn.scan(body, variable_axes={"params": 0},
@@ -395,7 +420,6 @@ class Encoder(nn.Module):
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
       x, _ = stack(layer_cls(cfg, name=LAYERS), x, mask, deterministic)
       return x if positions is None else gather_positions(x, positions)
-    sparse = positions is not None and cfg.sparse_last_layer
     for i in range(cfg.num_layers):
       last = sparse and i == cfg.num_layers - 1
       x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic, positions if last else None)

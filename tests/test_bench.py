@@ -92,6 +92,17 @@ def test_fine_tuning_step_and_custom_sizes():
   assert r["tokens_per_s"] > 0 and r["compiles"] == 1
 
 
+def test_scanned_layers_count_the_sparse_last_layer_too():
+  """A scanned encoder runs its last layer sparse as an unrolled one does (model.Encoder), so
+  the FLOPs are the same; one scanned layer runs whole."""
+  cfg = bench.model_config("tiny")
+  flops = lambda c: bench.analytic_flops(c, 4, 32, 5)  # noqa: E731
+  assert flops(cfg.replace(scan_layers=True)) == flops(cfg) == tiny_training_flops(4, 32, 5)
+  one = cfg.replace(num_layers=1)
+  assert flops(one.replace(scan_layers=True)) == flops(one.replace(sparse_last_layer=False))
+  assert flops(one) < flops(one.replace(scan_layers=True))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--batch_size", "0"], "must be positive"),
     (["--seq_len", "1024"], "exceeds the position table"),

@@ -319,14 +319,16 @@ def _packed_batch():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("attention,dtype", [("einsum", "float32"), ("dot_product", "float32"),
-                                             ("einsum", "bfloat16")])
-def test_sparse_last_layer_equals_the_full_one(attention, dtype, packed):
+@pytest.mark.parametrize("attention,dtype,scan", [
+    ("einsum", "float32", False), ("dot_product", "float32", False),
+    ("einsum", "bfloat16", False), ("einsum", "float32", True)])
+def test_sparse_last_layer_equals_the_full_one(attention, dtype, scan, packed):
   """The last layer at the [CLS]s and masked positions only (config.sparse_last_layer) gives the
   full last layer's logits and gradients, dropout off: pretraining and classification, padded
-  and packed rows, einsum and fused attention, float32 and bfloat16 (CPU's AMX path)."""
+  and packed rows, einsum and fused attention, float32 and bfloat16 (CPU's AMX path), unrolled
+  and scanned layers."""
   full = TINY.replace(hidden_dropout=0.0, attention_dropout=0.0, attention=attention,
-                      dtype=dtype, sparse_last_layer=False)
+                      dtype=dtype, sparse_last_layer=False, scan_layers=scan)
   sparse = full.replace(sparse_last_layer=True)
   ids, types, mask, *rest = _packed_batch() if packed else _batch()
   pos = np.array([[1, 2, 3], [6, 0, 0], [1, 3, 2]], np.int32)
@@ -351,7 +353,8 @@ def test_sparse_last_layer_equals_the_full_one(attention, dtype, packed):
           pretrain(c))(params["pretrain"]).jaxpr)
       if e.outvars[0].aval.shape[-1] == TINY.intermediate_size)
   used = (3 if packed else 1) + pos.shape[1]
-  assert ffn(full) == [3 * 11] * 2 and ffn(sparse) == [3 * used, 3 * 11]
+  every_layer = [3 * 11] * (1 if scan else 2)  # a scanned encoder's jaxpr has one layer body
+  assert ffn(full) == every_layer and ffn(sparse) == [3 * used, 3 * 11]
 
 
 def test_task_models_share_the_encoder_tree():
