@@ -103,8 +103,8 @@ def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
   token, attention scores and context per sequence, the MLM head at the masked slots only and
   NSP (pretraining) or the 2-way classifier, the pooler per sequence. With
   `config.sparse_last_layer` the last layer's queries, output projection and FFN count at the
-  [CLS] and the masked slots only, as they run (a scanned encoder of one layer runs it whole). Embedding gathers, biases,
-  norms and the optimizer are not counted."""
+  [CLS] and the masked slots only, as they run (a scanned encoder of one layer runs it whole).
+  Embedding gathers, biases, norms and the optimizer are not counted."""
   D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
   T, P = seq_len, max_predictions
   # keys and values from all T positions; queries, output and FFN at q of them
