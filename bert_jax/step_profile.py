@@ -36,7 +36,9 @@ SCOPES = (("optimizer", r"/optimizer/"), ("dropout", r"(?i)dropout"),
           ("layer norm", r"layer_norm"), ("attention (softmax, masks)", r"/attention/"),
           ("feed-forward (GELU)", r"/ffn/"), ("embeddings", r"/embeddings/"),
           ("encoder (residual adds)", r"/encoder/"), ("heads, losses, other", r""))
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?|\w+\[\]) "
+# Control flow whose events span the ops inside it, which have events of their own.
+CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?) "
                     r"([\w\-]+)\((.*)$")
 
 
@@ -124,30 +126,40 @@ def categorise(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]
   return next(cat for cat, pattern in SCOPES if re.search(pattern, scope)), 0
 
 
-def op_times(trace_dir: str, names: set[str]) -> dict[str, float]:
-  """Seconds per op name over every trace file under `trace_dir`, for names in `names`."""
+def op_times(trace_dir: str, names: set[str]) -> dict[str, tuple[float, int]]:
+  """(seconds, executions) per HLO op over the trace files under `trace_dir`, for the ops in
+  `names` (an op in a loop body runs once per iteration). An event
+  is an op's if it is named after it or carries its name in an `hlo_op` stat (GPU kernels are
+  named after themselves). Device planes are used where any of their events is an op's (a GPU's
+  kernels, not their launches on the host); else the host's (XLA:CPU runs ops on host threads).
+  Checked on CPU; no accelerator has been at hand."""
   from jax.profiler import ProfileData
-  times = collections.Counter()
+  device, host = (collections.defaultdict(lambda: [0.0, 0]) for _ in range(2))
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     for plane in ProfileData.from_file(path).planes:
+      times = device if plane.name.startswith("/device:") else host
       for line in plane.lines:
         for event in line.events:
-          if event.name in names:
-            times[event.name] += event.duration_ns * 1e-9
-  return dict(times)
+          op = event.name if event.name in names else next(
+              (v for k, v in event.stats if k == "hlo_op"), None)
+          if op in names:
+            times[op][0] += event.duration_ns * 1e-9
+            times[op][1] += 1
+  return {op: (t, n) for op, (t, n) in (device or host).items()}
 
 
-def breakdown(hlo_text: str, times: dict[str, float], runs: int, top: int = 10
+def breakdown(hlo_text: str, times: dict[str, tuple[float, int]], runs: int, top: int = 10
               ) -> dict[str, Any]:
-  """Op time per run of the module (`times` summed over `runs` = steps x devices) by category,
-  the matmul rate and the `top` slowest ops. FLOPs are those of one device's program."""
+  """Op time per run of the module (`times`: seconds and executions summed over `runs` = steps
+  x devices) by category, the matmul rate and the `top` slowest ops. FLOPs are those one
+  device's program executes."""
   instrs, comps = parse_hlo(hlo_text)
-  per_category, flops, matmul_s, ops = collections.Counter(), 0, 0.0, []
-  for name, seconds in times.items():
+  per_category, flops, matmul_s, ops = collections.Counter(), 0.0, 0.0, []
+  for name, (seconds, executions) in times.items():
     category, dot_flops = categorise(name, instrs, comps)
     per_category[category] += seconds / runs
     if category == "matmul":
-      flops += dot_flops
+      flops += dot_flops * executions / runs
       matmul_s += seconds / runs
     shape = instrs[name].shape
     ops.append({"op": name, "category": category, "ms": 1e3 * seconds / runs,
@@ -168,7 +180,8 @@ def profile_steps(run: Callable[[int], Any], hlo_text: str, trace_dir: str, step
   instrs, _ = parse_hlo(hlo_text)
   with jax.profiler.trace(trace_dir):
     run(steps)
-  result = breakdown(hlo_text, op_times(trace_dir, set(instrs)), steps * devices)
+  ops = {name for name, i in instrs.items() if i.opcode not in CONTAINERS}
+  result = breakdown(hlo_text, op_times(trace_dir, ops), steps * devices)
   return {"trace_dir": trace_dir, "steps": steps, **result}
 
 

@@ -55,7 +55,10 @@ def test_one_sane_record_per_combination(tmp_path):
 
 
 def test_profile_finds_every_matmul_and_names_the_parts_of_the_step(tmp_path):
-  (r,) = bench.main(TINY + ["--devices", "2", "--profile", str(tmp_path)])
+  # Two micro-batches of two rows per device: the step's dots run in a loop, twice per step (at
+  # one row XLA turns the pooler's and NSP head's matrix-vector products into other ops).
+  (r,) = bench.main(TINY + ["--batch_size", "8", "--devices", "2", "--grad_accum", "2",
+                            "--profile", str(tmp_path)])
   p = r["profile"]
   assert glob.glob(os.path.join(p["trace_dir"], "**", "*.xplane.pb"), recursive=True)
   parts = p["categories"]
@@ -65,8 +68,9 @@ def test_profile_finds_every_matmul_and_names_the_parts_of_the_step(tmp_path):
   assert sum(v["s"] for v in parts.values()) == pytest.approx(p["op_s_per_step"])
   assert sum(v["share"] for v in parts.values()) == pytest.approx(1.0)
   # One device's dots are half the step's analytic FLOPs, plus the MLM output bias's gradient,
-  # a matmul with ones over the masked positions: 2 x (4 / 2 rows x 5 positions) x 30522.
-  assert p["matmul_flops_per_step"] == r["flops_per_step_analytic"] // 2 + 2 * 2 * 5 * 30522
+  # a matmul with ones over the masked positions: 2 x (8 / 2 rows x 5 positions) x 30522.
+  assert p["matmul_flops_per_step"] == pytest.approx(
+      r["flops_per_step_analytic"] // 2 + 2 * 4 * 5 * 30522, rel=1e-12)
   assert p["matmul_flops_per_s"] == pytest.approx(
       p["matmul_flops_per_step"] / p["matmul_s_per_step"])
   assert [o["ms"] for o in p["top_ops"]] == sorted((o["ms"] for o in p["top_ops"]), reverse=True)
