@@ -110,8 +110,7 @@ def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
   # keys and values from all T positions; queries, output and FFN at q of them
   layer = lambda q: 2 * T * 2 * D * D + 2 * q * (2 * D * D + 2 * D * F) + 2 * 2 * q * T * D  # noqa: E731
   used = 1 + P if task == "pretraining" else 1
-  sparse = config.sparse_last_layer and (config.num_layers > 1 or not config.scan_layers)
-  last = used if sparse else T
+  last = used if config.last_layer_runs_sparse else T
   heads = 2 * (D * D + D * 2)  # pooler, then NSP or the 2-way classifier
   if task == "pretraining":
     heads += 2 * P * (D * D + D * V)

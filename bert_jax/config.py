@@ -96,6 +96,12 @@ class BertConfig:
   def params_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
 
+  @property
+  def last_layer_runs_sparse(self) -> bool:
+    """Whether the encoder's last layer runs at the heads' positions only (given positions):
+    `sparse_last_layer`, except for a scanned encoder of one layer, which runs it whole."""
+    return self.sparse_last_layer and (self.num_layers > 1 or not self.scan_layers)
+
   def replace(self, **changes: Any) -> BertConfig:
     return dataclasses.replace(self, **changes)
 

@@ -407,8 +407,8 @@ class Encoder(nn.Module):
                positions: Array | None = None) -> Array:
     cfg = self.config
     layer_cls = _remat_layer(cfg)
-    sparse = positions is not None and cfg.sparse_last_layer
-    if cfg.scan_layers and sparse and cfg.num_layers > 1 and not self.is_initializing():
+    sparse = positions is not None and cfg.last_layer_runs_sparse
+    if cfg.scan_layers and sparse and not self.is_initializing():
       rng = None if deterministic or cfg.hidden_dropout == cfg.attention_dropout == 0 else (
           self.make_rng("dropout"))
       return _scan_then_last(layer_cls(cfg), self.variables["params"][LAYERS], x, mask,
