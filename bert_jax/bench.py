@@ -473,8 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--json", default=None,
                  help="append a JSON line per configuration to this file ('-': stdout)")
   p.add_argument("--profile", default=None,
-                 help="trace steps with the JAX profiler into this directory and print where "
-                      "their time goes")
+                 help="trace steps with the JAX profiler into this directory (local or gs://) "
+                      "and print where their time goes")
   p.add_argument("--profile_steps", type=int, default=2, help="steps traced with --profile")
   p.add_argument("--against", choices=("hf-torch",), default=None)
   p.add_argument("--peer_dtype", choices=("same", "float32", "bfloat16"), default="same",

@@ -20,15 +20,19 @@ over the matmul ops' time; None where no dot is visible (library calls).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from bert_jax import files
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # (category, pattern searched in the op_name metadata), first match wins
@@ -176,12 +180,19 @@ def breakdown(hlo_text: str, times: dict[str, tuple[float, int]], runs: int, top
 def profile_steps(run: Callable[[int], Any], hlo_text: str, trace_dir: str, steps: int = 2,
                   devices: int = 1) -> dict[str, Any]:
   """Runs `run(steps)` under the profiler, writing the trace to `trace_dir`, and returns the
-  breakdown per step and device (`devices`: the devices running the module in this process)."""
+  breakdown per step and device (`devices`: the devices running the module in this process).
+  A URL `trace_dir` (gs://...) gets the trace uploaded after it was written and read on this
+  host's disk (the profiler and the trace reader take local paths)."""
   instrs, _ = parse_hlo(hlo_text)
-  with jax.profiler.trace(trace_dir):
-    run(steps)
   ops = {name for name, i in instrs.items() if i.opcode not in CONTAINERS}
-  result = breakdown(hlo_text, op_times(trace_dir, ops), steps * devices)
+  with contextlib.ExitStack() as stack:
+    local = (stack.enter_context(tempfile.TemporaryDirectory(prefix="bert_jax.profile."))
+             if files.is_url(trace_dir) else trace_dir)
+    with jax.profiler.trace(local):
+      run(steps)
+    result = breakdown(hlo_text, op_times(local, ops), steps * devices)
+    if local != trace_dir:
+      files.copy(local, trace_dir)
   return {"trace_dir": trace_dir, "steps": steps, **result}
 
 

@@ -164,3 +164,18 @@ def test_data_step_writes_and_reads_its_instances_on_gcs(gcs, prepared, tmp_path
   with pytest.raises(OutputExistsError, match="theirs.*not written by bert_jax"):
     pretraining._main([*args, "--tokenizer", f"{root}/tok.model", "--output_dir", str(foreign)])
   assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_bench_profile_uploads_its_trace_to_gcs(gcs, tmp_path):
+  """bench --profile gs://...: the trace is written and read on local disk, then uploaded; the
+  breakdown is the same kind of record as for a local directory."""
+  from bert_jax import bench, files
+  root = f"gs://{BUCKET}/{tmp_path.name}/prof"
+  (r,) = bench.main(["--variant", "tiny", "--batch_size", "2", "--seq_len", "16", "--steps", "1",
+                     "--warmup", "1", "--devices", "1", "--profile", root, "--profile_steps", "1"])
+  p = r["profile"]
+  assert p["trace_dir"].startswith(root + "/")
+  assert p["categories"]["matmul"]["s"] > 0 and p["matmul_flops_per_step"] > 0
+  traces = list(files.path(p["trace_dir"]).glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().length > 0
+  assert not pathlib.Path("gs:").exists(), "a gs:// profile directory was taken for a local one"
