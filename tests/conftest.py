@@ -9,12 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# One persistent XLA compilation cache for this test session, inherited by every training run the
-# tests start in a subprocess: the same tiny steps are compiled once, not in each of ~60 processes
-# (a cached executable is the compiled program itself, so results are unchanged). It starts empty
-# each session and is removed at its end.
-_XLA_CACHE = tempfile.mkdtemp(prefix="bert_jax_tests_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# One persistent XLA compilation cache for this test session, inherited by the pytest-xdist
+# workers and by every training run the tests start in a subprocess: the same tiny steps are
+# compiled once, not in each of ~60 processes (a cached executable is the compiled program itself,
+# so results are unchanged). The process that made it (the xdist controller, or the one pytest
+# process under -n 0) removes it at the session's end; a cache the user set is left alone.
+_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_XLA_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bert_jax_tests_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -46,4 +48,5 @@ def shard_small_arrays(monkeypatch):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
