@@ -97,7 +97,6 @@ def test_non_finite_loss_stops_finetuning_before_any_save(model_dir, tmp_path): 
   assert "Traceback" not in out
 
 
-@pytest.mark.slow  # CI: the two-process SIGTERM run and the fine-tuning kills of test_faults
 def test_sigterm_saves_and_the_rerun_resumes_exactly(model_dir, tmp_path):  # noqa: F811
   config = _classify_config(model_dir, tmp_path, **{
       "train.epochs": 40, "train.max_steps": 60, "train.log_every": 1,

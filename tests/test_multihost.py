@@ -53,7 +53,6 @@ def _eval_outputs(model_dir, prepared, pretrained) -> np.ndarray:
   return out["logits"]
 
 
-@pytest.mark.slow  # CI: the two-process runs of test_pretrain.py and the SIGTERM one here
 def test_finetuning_resumes_on_two_processes_with_the_same_best(prepared, pretrained, tmp_path):
   config = runs.classify_config(prepared, pretrained, **FINETUNE)
   one = tmp_path / "one"
