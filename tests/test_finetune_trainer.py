@@ -41,10 +41,10 @@ def one_device_run(model_dir, tmp_path_factory):  # noqa: F811
   return _finetune(model_dir, tmp_path_factory.mktemp("one"), "one", **{"train.dropout": 0.1})
 
 
-# CI: the classification step on the (2, 4) mesh in tests/test_packing.py, the shared step on a
-# mesh in tests/test_trainer.py, an fsdp8 checkpoint fine-tuned in tests/test_topology.py.
-@pytest.mark.slow
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
+# CI: the (2, 4) mesh, data and fsdp both; the others in the full suite.
+@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
+                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4),
+                                       pytest.param(1, 8, marks=pytest.mark.slow)])
 def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
                                                   fsdp, one_device_run):
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)  # shard the tiny model's arrays too
