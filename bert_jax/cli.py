@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from bert_jax.errors import BertJaxError
 
@@ -47,6 +47,8 @@ def run(main: Callable[..., Any], *args: Any) -> Any:
   except BertJaxError as e:
     _leave(f"error: {e}", e.exit_code, now=e.exit_now)
   except _PATH_ERRORS as e:  # a workdir that is a file, a directory given for a file, ...
+    if isinstance(e, FileExistsError) and e.filename and os.path.isfile(e.filename):
+      _leave(f"error: {e.filename}: is a file; expected a directory (or a new path)", 2)
     _leave(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", 2)
   except _LIBRARY_USER_ERRORS as e:
     _leave(f"error: {e}", 2)
@@ -101,13 +103,26 @@ def define_config_flag(default: str | None, help_text: str):
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
   except (KeyError, AttributeError, OSError, ValueError, TypeError) as e:
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
-    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
-    if isinstance(e, KeyError | AttributeError):
-      hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
-      text = "no such config field" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
-    print(f"error: {' '.join(overrides) or '--config'}: {text}", file=sys.stderr)
-    sys.exit(2)
+    _config_error(e, sys.argv[1:])
+
+
+def _config_error(e: Exception, argv: list[str]) -> NoReturn:
+  """One line for a config file or `--config.*` override that ml_collections refused (raised
+  when the flag is defined or, with `--config=FILE`, when the flags are parsed); exit 2."""
+  overrides = [a for a in argv if a.startswith("--config")]
+  text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+  # The override at fault: the one with the missing field (the message starts with it) or the
+  # bad value the message names; else all of them.
+  if isinstance(e, KeyError | AttributeError):
+    key = re.match(r"[\w\-]*", text).group()
+    named = [a for a in overrides if key in a.partition("=")[0].split(".")[1:]]
+    hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
+    text = "no such config field" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
+  else:
+    words = set(re.findall(r"[\w.\-]+", text))
+    named = [a for a in overrides if a.partition("=")[2] in words]
+  print(f"error: {' '.join(named[-1:] or overrides) or '--config'}: {text}", file=sys.stderr)
+  sys.exit(2)
 
 
 def config_value(flag) -> Any:
@@ -145,6 +160,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   argv = [_shipped_config(a) for a in argv]
   try:
     return flags.FLAGS(argv)
+  except (KeyError, AttributeError, ValueError, TypeError) as e:  # a --config.* override
+    _config_error(e, argv[1:])
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     head = lines[0].removeprefix("flag ").rstrip(":")

@@ -54,9 +54,12 @@ class BertConfig:
       value = getattr(self, name)
       if name == "dtype" and value == AUTO:
         continue
-      value = jnp.dtype(value).name
+      allowed = (AUTO, *_DTYPES) if name == "dtype" else _DTYPES
+      try:
+        value = jnp.dtype(value).name
+      except TypeError:  # not a dtype name at all ("fp16")
+        value = str(value)
       if value not in _DTYPES:
-        allowed = (AUTO, *_DTYPES) if name == "dtype" else _DTYPES
         raise ValueError(f"BertConfig.{name} must be one of {allowed}, got {value!r}")
       object.__setattr__(self, name, value)
     if isinstance(self.remat, bool):  # config.json of checkpoints written before the policies

@@ -46,6 +46,15 @@ def _cluster_detected() -> bool:
              if not env.opt_in_only_method)
 
 
+def _env_int(name: str) -> int:
+  text = os.environ.get(name)
+  try:
+    return int(text)
+  except (TypeError, ValueError):
+    raise ConfigError(f"environment variable {name}={text!r}: expected a whole number (with "
+                      "JAX_NUM_PROCESSES, set JAX_PROCESS_ID too)") from None
+
+
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
   """Joins the processes of a multi-host run; a no-op for a single process outside a cluster.
@@ -60,8 +69,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
   if coordinator is None and num_processes is None:
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if os.environ.get("JAX_NUM_PROCESSES"):
-      num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-      process_id = int(os.environ["JAX_PROCESS_ID"])
+      num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
     if coordinator is None and not _cluster_detected():
       return
   # Collectives between CPU processes (affects only the CPU client; asking which backend is the

@@ -11,19 +11,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script,args,message", [
-    ("train.py", ["--config.train.stepz=3"],
+    # The override at fault is the one quoted, not every override before it.
+    ("train.py", ["--config.train.batch_size=8", "--config.train.stepz=3"],
      'error: --config.train.stepz=3: no such config field (did you mean "steps"'),
-    ("train.py", ["--config.train.steps=abc"], "error: --config.train.steps=abc: invalid literal"),
+    ("train.py", ["--config.train.batch_size=8", "--config.train.steps=abc"],
+     "error: --config.train.steps=abc: invalid literal"),
+    ("train.py", ["--config.model.dtype=fp16"], "BertConfig.dtype must be one of ('auto', "),
+    # ...with --config=FILE too (then ml_collections reads the overrides as the flags are parsed)
+    ("train.py", [f"--config={ROOT}/configs/pretrain.py", "--config.train.stepz=3"],
+     'error: --config.train.stepz=3: no such config field (did you mean "steps"'),
+    ("finetune.py", ["--config=configs/classify.py", "--workdir=w", "--config.data.lables=0,1"],
+     'error: --config.data.lables=0,1: no such config field (did you mean "labels"'),
     ("train.py", [f"--config={ROOT}/configs/pretrain.py:huge"], "unknown variant 'huge'"),
     ("finetune.py", ["--config=/nonexistent/classify.py", "--workdir=w"],
      "error: --config: cannot load /nonexistent/classify.py"),
     ("finetune.py", [f"--config={ROOT}/configs/classify.py", "--workdir=w"],
      "error: random initialisation (init_from='') needs --config.tokenizer"),
+    ("train.py", ["--workdir=notes.txt"], "notes.txt: is a file; expected a directory"),
     # A shipped config by its name, from a directory that has no configs/: the shipped one.
     ("finetune.py", ["--config=configs/classify.py:tiny", "--workdir=w"],
      "error: random initialisation (init_from='') needs --config.tokenizer"),
 ])
 def test_bad_flags_are_one_line_from_any_directory(tmp_path, script, args, message):
+  (tmp_path / "notes.txt").write_text("a file, not a workdir")
   out = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2, out.stderr
