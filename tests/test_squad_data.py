@@ -160,6 +160,11 @@ def test_query_truncated_and_too_short_sequence_rejected():
     squad.convert_examples(ex, WhitespaceTok(), 6, 4, 3)
   feats, _ = squad.convert_examples(ex, WhitespaceTok(), 7, 4, 1)  # question cut to 1 token
   assert feats["input_ids"].shape == (1, 7)
+  # A stride of 0 would never reach the passage's end: refused, as is a question of no tokens.
+  with pytest.raises(ValueError, match=r"data.doc_stride=0: expected a positive number"):
+    squad.convert_examples(ex, WhitespaceTok(), 16, 0, 4)
+  with pytest.raises(ValueError, match=r"data.max_query_length=-1: expected a positive number"):
+    squad.convert_examples(ex, WhitespaceTok(), 16, 4, -1)
 
 
 def test_token_span_partial_tokens():

@@ -13,6 +13,7 @@ import numpy as np
 
 from bert_jax import files
 from bert_jax.data.errors import DataError
+from bert_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,9 @@ def convert_examples(examples: Sequence[SquadExample], tok: Tokenizer, max_seq_l
   passage token; -1 elsewhere), max_context [F, T] bool. With `is_training`, questions whose
   answer is not found in the context are skipped (logged; see `answer_counts`).
   """
+  for name, value in (("doc_stride", doc_stride), ("max_query_length", max_query_length)):
+    if not isinstance(value, int) or value < 1:  # a stride of 0 would never end a passage
+      raise ConfigError(f"data.{name}={value!r}: expected a positive number of tokens")
   cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
   rows: dict[str, list] = {k: [] for k in FEATURE_KEYS + META_KEYS}
   skipped = unmappable = 0
