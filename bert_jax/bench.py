@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import optim, sharding, step_profile, trainer
+from bert_jax import files, optim, sharding, step_profile, trainer
 from bert_jax.config import ATTENTIONS, VARIANTS, BertConfig, get_variant
+from bert_jax.errors import ConfigError
 
 # Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
 PUBLISHED_PEAKS: tuple[tuple[str, float], ...] = (
@@ -415,10 +416,12 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
 
 
 _COLUMNS = (("variant", "{}"), ("batch_size", "{}"), ("seq_len", "{}"), ("dtype", "{}"),
-            ("remat", "{}"), ("grad_accum", "{}"), ("devices", "{}"), ("fsdp", "{}"),
-            ("state_bytes_per_device", "{:.3g}"), ("compile_s", "{:.1f}"),
-            ("step_s_median", "{:.4f}"), ("sequences_per_s", "{:.1f}"),
-            ("tokens_per_s", "{:.0f}"), ("mfu", "{:.1%}"), ("peak_memory_bytes", "{:.3g}"),
+            ("attention", "{}"), ("remat", "{}"), ("grad_accum", "{}"), ("devices", "{}"),
+            ("fsdp", "{}"), ("state_bytes_per_device", "{:.3g}"), ("compile_s", "{:.1f}"),
+            ("step_s_median", "{:.4f}"), ("step_s_min", "{:.4f}"), ("step_s_max", "{:.4f}"),
+            ("sequences_per_s", "{:.1f}"), ("tokens_per_s", "{:.0f}"),
+            ("flops_per_step_analytic", "{:.3g}"), ("flops_per_step_xla", "{:.3g}"),
+            ("mfu", "{:.1%}"), ("peak_memory_bytes", "{:.3g}"),
             ("hf_tokens_per_s", "{:.0f}"), ("ratio_median", "{:.2f}"))
 
 
@@ -486,8 +489,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for kind in opts.attention:
     if kind not in ATTENTIONS:
       p.error(f"--attention: {kind!r} is not one of {', '.join(ATTENTIONS)}")
-  if opts.profile_steps < 1:
-    p.error(f"--profile_steps: {opts.profile_steps} is not a positive number of steps")
+  for flag, least in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("fsdp", 1),
+                      ("devices", 1), ("steps", 1), ("pairs", 1), ("profile_steps", 1),
+                      ("warmup", 0), ("switch_warmup", 0), ("max_predictions", 0),
+                      ("vocab_size", 0)):
+    values = getattr(opts, flag)
+    for value in values if isinstance(values, list) else [values] if values is not None else []:
+      if value < least:
+        raise ConfigError(f"--{flag} {value}: expected "
+                          + ("a positive number" if least else "0 or more"))
+  for devices in opts.devices or []:
+    for fsdp in opts.fsdp:
+      if devices % fsdp:
+        raise ConfigError(f"--fsdp {fsdp} does not divide --devices {devices}")
+  if opts.profile and not files.is_url(opts.profile) and os.path.isfile(opts.profile):
+    raise ConfigError(f"--profile {opts.profile}: is a file; expected a directory for the traces")
   return opts
 
 

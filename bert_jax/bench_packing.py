@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from bert_jax import files
-from bert_jax.errors import BertJaxError
+from bert_jax.errors import BertJaxError, ConfigError
 
 
 def _pretraining_worker(data_dir: str, variant: str, batch_size: int, steps: int,
@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fine = sub.add_parser(task)
     fine.add_argument("--train_file", required=True)
     fine.add_argument("--eval_file", required=True)
-    fine.add_argument("--tokenizer", default="")
-    fine.add_argument("--init_from", default="")
+    fine.add_argument("--tokenizer", default="",
+                      help="for a random initialisation (one of --tokenizer, --init_from)")
+    fine.add_argument("--init_from", default="", help="a model directory to fine-tune")
     fine.add_argument("--max_seq_length", type=int, default=seq_len)
     fine.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
                       default=[0, 1, 2])
@@ -227,6 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if a.task == "pretraining":
     if a.batch_size < 1 or a.steps < 1 or a.repeats < 1 or a.seq_len < 5:
       p.error("--batch_size, --steps and --repeats must be >= 1, --seq_len >= 5")
+  else:
+    for flag in ("train_file", "eval_file", "tokenizer", "init_from"):
+      value = getattr(a, flag)
+      if value and not files.path(value).exists():
+        raise ConfigError(f"--{flag} {value}: no such file or directory")
+    if not (a.tokenizer or a.init_from):
+      raise ConfigError("give --init_from (a model to fine-tune) or --tokenizer (a random "
+                        "initialisation)")
   with tempfile.TemporaryDirectory(prefix="bert_jax_packing_") as scratch:
     a.workdir = a.workdir or scratch  # without --workdir, nothing is left behind
     return bench_pretraining(a) if a.task == "pretraining" else bench_finetuning(a, extra)

@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import pytest
@@ -108,13 +109,28 @@ def test_scanned_layers_count_the_sparse_last_layer_too():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--batch_size", "0"], "must be positive"),
+    (["--batch_size", "6", "--grad_accum", "4"], "divisible by devices \\* grad_accum"),
     (["--seq_len", "1024"], "exceeds the position table"),
     (["--variant", "L2-H30-A4"], "not divisible"),
 ])
 def test_impossible_settings_are_refused(args, message):
   with pytest.raises(ValueError, match=message):
     bench.main(TINY + ["--devices", "1"] + args)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size", "8,0"], "--batch_size 0: expected a positive number"),
+    (["--grad_accum", "0"], "--grad_accum 0: expected a positive number"),
+    (["--steps", "0"], "--steps 0: expected a positive number"),
+    (["--pairs", "0"], "--pairs 0: expected a positive number"),
+    (["--warmup", "-1"], "--warmup -1: expected 0 or more"),
+    (["--devices", "4", "--fsdp", "3"], "--fsdp 3 does not divide --devices 4"),
+    (["--profile", __file__], "is a file; expected a directory for the traces"),
+])
+def test_bad_flags_are_refused_before_anything_runs(args, message):
+  from bert_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    bench.main(TINY + args)
 
 
 def test_an_unknown_attention_is_refused(capsys):
@@ -167,15 +183,33 @@ def test_fine_tuning_step_against_hf_torch():
   assert r["peak_source"] == "measured float32 2048^3 matmul, best of the run"
 
 
-def test_packing_bench_names_a_failed_run_and_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_packing_bench_names_a_failed_run_and_leaves_nothing_behind(tmp_path, monkeypatch,
+                                                                    tmp_path_factory):
   from bert_jax import bench_packing
   from bert_jax.errors import BertJaxError
+  inputs = tmp_path_factory.mktemp("inputs")
+  for name, text in (("train.tsv", "a b\t1\n"), ("dev.tsv", "c\t0\n"), ("tok.model", "x")):
+    (inputs / name).write_text(text)
   monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
   with pytest.raises(BertJaxError, match=r"(?s)fine-tuning run in .*padded_seed0 failed "
-                                         r"\(exit 2\).*needs --config.tokenizer"):
-    bench_packing.main(["classification", "--train_file", "train.tsv", "--eval_file", "dev.tsv",
-                        "--seeds", "0"])
+                                         r"\(exit 2\).*tok.model: not a SentencePiece model"):
+    bench_packing.main(["classification", "--train_file", str(inputs / "train.tsv"),
+                        "--eval_file", str(inputs / "dev.tsv"), "--tokenizer",
+                        str(inputs / "tok.model"), "--seeds", "0"])
   assert list(tmp_path.iterdir()) == []  # its temporary workdir is gone
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train_file", "/no/train.tsv", "--eval_file", __file__, "--tokenizer", __file__],
+     "--train_file /no/train.tsv: no such file or directory"),
+    (["--train_file", __file__, "--eval_file", __file__],
+     "give --init_from (a model to fine-tune) or --tokenizer (a random initialisation)"),
+])
+def test_packing_bench_checks_its_inputs_before_any_run(args, message):
+  from bert_jax import bench_packing
+  from bert_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    bench_packing.main(["classification", *args])
 
 
 def test_packing_bench_refuses_an_object_store_workdir_for_its_local_shards():
