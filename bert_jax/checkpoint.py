@@ -228,7 +228,13 @@ def check_fits(directory: epath.Path, stored: Any, wanted: Any) -> None:
 
 def _metadata(directory: epath.Path) -> Any:
   """The stored tree of an Orbax pytree directory (ArrayMetadata leaves: shapes, dtypes)."""
-  found = ocp.PyTreeCheckpointer().metadata(directory).item_metadata
+  # The handler, not a Checkpointer: that one also looks for a step's _CHECKPOINT_METADATA, which
+  # lives a level up, and logs a warning for every read when it is not here.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    found = handler.metadata(directory)
+  finally:
+    handler.close()
   if found is None:
     raise FileNotFoundError(f"no Orbax pytree metadata (expected {directory}/_METADATA)")
   return found.tree
