@@ -498,10 +498,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       if value < least:
         raise ConfigError(f"--{flag} {value}: expected "
                           + ("a positive number" if least else "0 or more"))
-  for devices in opts.devices or []:
-    for fsdp in opts.fsdp:
-      if devices % fsdp:
-        raise ConfigError(f"--fsdp {fsdp} does not divide --devices {devices}")
   if opts.profile and not files.is_url(opts.profile) and os.path.isfile(opts.profile):
     raise ConfigError(f"--profile {opts.profile}: is a file; expected a directory for the traces")
   return opts
@@ -511,6 +507,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Runs every combination of the comma-separated flags; prints a table; returns the records."""
   opts = parse_args(argv)
   devices = opts.devices or [jax.device_count()]
+  for n, fsdp in itertools.product(devices, opts.fsdp):
+    if n % fsdp:
+      raise ConfigError(f"--fsdp {fsdp} does not divide --devices {n}"
+                        + ("" if opts.devices else " (every device of this host)"))
   out = None if not opts.json else sys.stdout if opts.json == "-" else open(opts.json, "a")
   records = []
   try:
