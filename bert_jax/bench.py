@@ -353,9 +353,9 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
               remat: str, grad_accum: int, devices: int, fsdp: int, attention: str = "einsum"
               ) -> dict[str, Any]:
   """Compiles and times one configuration; returns its record."""
-  if batch_size <= 0 or seq_len <= 0 or batch_size % (devices * grad_accum):
-    raise ValueError(f"batch_size {batch_size} must be positive and divisible by devices * "
-                     f"grad_accum = {devices} * {grad_accum} (seq_len {seq_len} positive)")
+  if batch_size % (devices * grad_accum):  # sizes are positive (parse_args)
+    raise ValueError(f"batch_size {batch_size} must be divisible by devices * grad_accum = "
+                     f"{devices} * {grad_accum}")
   fused = {"attention_dropout": 0.0} if attention == "dot_product" else {}  # no dropout
   config = model_config(variant, dtype=dtype, remat=remat, scan_layers=opts.scan_layers,
                         attention=attention, sparse_last_layer=opts.sparse_last_layer, **fused,
@@ -493,8 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       ("devices", 1), ("steps", 1), ("pairs", 1), ("profile_steps", 1),
                       ("warmup", 0), ("switch_warmup", 0), ("max_predictions", 0),
                       ("vocab_size", 0)):
-    values = getattr(opts, flag)
-    for value in values if isinstance(values, list) else [values] if values is not None else []:
+    values = getattr(opts, flag)  # a list for the comma-separated flags; devices may be None
+    for value in values if isinstance(values, list) else [least if values is None else values]:
       if value < least:
         raise ConfigError(f"--{flag} {value}: expected "
                           + ("a positive number" if least else "0 or more"))
