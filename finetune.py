@@ -1,9 +1,5 @@
-"""Fine-tunes BERT for sequence classification or SQuAD reading comprehension, from a
-pretraining workdir of ours, an exported model directory or a Hugging Face BERT directory.
-
-  python finetune.py --config=configs/classify.py --workdir=runs/cls --config.init_from=DIR ...
-  python finetune.py --config=configs/squad.py --workdir=runs/squad --config.init_from=DIR ...
-
+"""Fine-tunes BERT for sequence classification or SQuAD reading comprehension;
+`python finetune.py --help` says how (its text is bert_jax/commands.py's FINETUNE_HELP).
 Installed, the same command is `bert-jax-finetune`."""
 
 from bert_jax import commands

@@ -1,7 +1,6 @@
-"""Pretrains BERT (masked-LM + next-sentence prediction). With no flags: a tiny BERT on the
-bundled corpus in ./workdir/pretrain_tiny. See configs/pretrain.py for every option.
-
-Installed, the same command is `bert-jax-pretrain`."""
+"""Pretrains BERT (masked-LM + next-sentence prediction); `python train.py --help` says how (its
+text is bert_jax/commands.py's PRETRAIN_HELP). With no flags: a tiny BERT on the bundled corpus
+in ./workdir/pretrain_tiny. Installed, the same command is `bert-jax-pretrain`."""
 
 from bert_jax import commands
 

@@ -157,9 +157,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run(..., flags_parser=cli.parse_flags)`) with a bad flag value,
   e.g. a config argument that its get_config refuses, as one line and exit 2."""
   from absl import flags
-  argv = [_shipped_config(a) for a in argv]
+  argv = [argv[0], *("--help" if a == "-h" else _shipped_config(a) for a in argv[1:])]
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help (-?, --helpfull, ...) exits 1 after printing the help
+    asked = {"-?", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull"}
+    if e.code == 1 and asked.intersection(argv[1:]):
+      sys.exit(0)
+    raise
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # a --config.* override
     _config_error(e, argv[1:])
   except flags.Error as e:

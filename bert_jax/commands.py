@@ -3,7 +3,40 @@ each is the same as the script or module named in its docstring."""
 
 from __future__ import annotations
 
+import sys
+
 from bert_jax import cli
+
+PRETRAIN_HELP = """Pretrains BERT (masked-LM + next-sentence prediction). With no flags: a tiny
+BERT on the bundled corpus in ./workdir/pretrain_tiny.
+
+  python train.py --config=configs/pretrain.py:base --workdir=runs/base \\
+      --config.data.input_files=corpus/*.txt
+
+The config argument is VARIANT[,phase1|phase2], VARIANT one of tiny, mini, small, medium, base,
+large; --config.FIELD=VALUE sets any field (configs/pretrain.py lists them all).
+Installed, the same command is `bert-jax-pretrain`.
+"""
+
+FINETUNE_HELP = """Fine-tunes BERT for sequence classification or SQuAD reading comprehension,
+from a pretraining workdir of ours, an exported model directory or a Hugging Face BERT directory.
+
+  python finetune.py --config=configs/classify.py --workdir=runs/cls --config.init_from=DIR ...
+  python finetune.py --config=configs/squad.py --workdir=runs/squad --config.init_from=DIR ...
+
+--config.FIELD=VALUE sets any field of the task config (configs/classify.py, configs/squad.py).
+Installed, the same command is `bert-jax-finetune`.
+"""
+
+
+def _describe(help_text: str, *flag_holders) -> None:
+  """What `--help` prints for an absl command: absl writes `__main__`'s docstring (which a console
+  script's generated `__main__` lacks, and train.py's would duplicate) and the flags it counts as
+  the main module's, which those defined here are not: both are set here."""
+  from absl import flags
+  sys.modules["__main__"].__doc__ = help_text
+  for holder in flag_holders:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
 
 
 def pretrain_command() -> None:
@@ -14,6 +47,7 @@ def pretrain_command() -> None:
       "pretrain.py", "pretraining config file (configs/pretrain.py, optionally :VARIANT)")
   workdir = flags.DEFINE_string("workdir", "workdir/pretrain_tiny",
                                 "directory for the tokenizer, data, checkpoints and metrics")
+  _describe(PRETRAIN_HELP, config, workdir)
 
   def main(argv):
     del argv
@@ -29,6 +63,7 @@ def finetune_command() -> None:
   config = cli.define_config_flag(None, "task config (configs/classify.py or configs/squad.py)")
   workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and outputs")
   flags.mark_flags_as_required(["config", "workdir"])
+  _describe(FINETUNE_HELP, config, workdir)
 
   def main(argv):
     del argv

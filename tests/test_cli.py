@@ -68,6 +68,23 @@ def test_console_commands_run_the_scripts_from_any_directory(tmp_path, command, 
   assert last.startswith("error: ") and message in last, out.stderr
 
 
+@pytest.mark.parametrize("argv,first_line", [
+    ([sys.executable, str(ROOT / "train.py"), "--help"], "Pretrains BERT"),
+    (["bert-jax-pretrain", "-h"], "Pretrains BERT"),
+    (["bert-jax-finetune", "--help"], "Fine-tunes BERT"),
+])
+def test_help_describes_the_command_and_its_flags(tmp_path, argv, first_line):
+  """--help (script or console command) prints what the command does and its own flags (absl
+  would print only a usage line for a console script, and no flags defined outside __main__),
+  and exits 0."""
+  if not argv[0].startswith("/"):
+    argv = [str(pathlib.Path(sys.executable).parent / argv[0]), *argv[1:]]
+  out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith(first_line), out.stdout
+  assert "--config: " in out.stdout and "--workdir: " in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("env,want", [
     ({}, "glibc.malloc.hugetlb=1"),
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
