@@ -13,8 +13,13 @@ step's module. Each op is put in one category, from the compiled HLO (backend-in
   losses, other`; `copy/transpose` for layout copies.
 
 Op times can add up to more than the step's wall time: XLA:CPU runs independent ops at once.
+So the step's wall time is also split by how many op events are open at once (none, one,
+several): time with none is dispatch, and work that outlives its op's event (XLA:CPU's Eigen
+dots finish on Eigen's threads after the event of their `dot` op has closed, so their time is
+missing from the op times).
 The matmul rate is the dots' FLOPs (2 x output size x contracted size, from the HLO shapes)
-over the matmul ops' time; None where no dot is visible (library calls).
+over the matmul ops' time, leaving out XLA:CPU's Eigen dots; None where no dot is visible
+(library calls).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import glob
+import itertools
 import math
 import os
 import re
@@ -130,41 +136,66 @@ def categorise(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]
   return next(cat for cat, pattern in SCOPES if re.search(pattern, scope)), 0
 
 
-def op_times(trace_dir: str, names: set[str]) -> dict[str, tuple[float, int]]:
-  """(seconds, executions) per HLO op over the trace files under `trace_dir`, for the ops in
-  `names` (an op in a loop body runs once per iteration). An event
-  is an op's if it is named after it or carries its name in an `hlo_op` stat (GPU kernels are
-  named after themselves). Device planes are used where any of their events is an op's (a GPU's
-  kernels, not their launches on the host); else the host's (XLA:CPU runs ops on host threads).
+def op_events(trace_dir: str, names: set[str]) -> list[tuple[str, int, int]]:
+  """(op, start ns, end ns) of every execution, in the trace files under `trace_dir`, of the
+  ops in `names` (an op in a loop body runs once per iteration). An event is an op's if it is
+  named after it or carries its name in an `hlo_op` stat (GPU kernels are named after
+  themselves). Device planes are used where any of their events is an op's (a GPU's kernels,
+  not their launches on the host); else the host's (XLA:CPU runs ops on host threads).
   Checked on CPU; no accelerator has been at hand."""
   from jax.profiler import ProfileData
-  device, host = (collections.defaultdict(lambda: [0.0, 0]) for _ in range(2))
+  device, host = [], []
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     for plane in ProfileData.from_file(path).planes:
-      times = device if plane.name.startswith("/device:") else host
+      events = device if plane.name.startswith("/device:") else host
       for line in plane.lines:
         for event in line.events:
           op = event.name if event.name in names else next(
               (v for k, v in event.stats if k == "hlo_op"), None)
           if op in names:
-            times[op][0] += event.duration_ns * 1e-9
-            times[op][1] += 1
-  return {op: (t, n) for op, (t, n) in (device or host).items()}
+            events.append((op, event.start_ns, event.start_ns + event.duration_ns))
+  return device or host
 
 
-def breakdown(hlo_text: str, times: dict[str, tuple[float, int]], runs: int, top: int = 10
-              ) -> dict[str, Any]:
-  """Op time per run of the module (`times`: seconds and executions summed over `runs` = steps
-  x devices) by category, the matmul rate and the `top` slowest ops. FLOPs are those one
-  device's program executes."""
+def occupancy(events: list[tuple[str, int, int]], steps: int) -> dict[str, float]:
+  """Seconds per step, between the first op's start and the last op's end, with no op event
+  open (`idle_s`), one (`one_op_s`) and several at once (`overlap_s`). Idle time is the
+  dispatch between steps, and work that outlives its op's event: XLA:CPU hands some dots to
+  Eigen, whose threads finish them after the op's event has closed."""
+  edges = sorted([(start, 1) for _, start, _ in events] + [(end, -1) for _, _, end in events])
+  seconds = collections.Counter()
+  running = 0
+  for (t, change), (t_next, _) in itertools.pairwise(edges):
+    running += change
+    seconds[min(running, 2)] += (t_next - t) * 1e-9
+  return {"idle_s": seconds[0] / steps, "one_op_s": seconds[1] / steps,
+          "overlap_s": seconds[2] / steps}
+
+
+def breakdown(hlo_text: str, events: list[tuple[str, int, int]], steps: int, devices: int = 1,
+              top: int = 10, eigen_dots: bool = False) -> dict[str, Any]:
+  """Op time per step and device (`events` of `op_events` over `steps` steps of `devices`
+  devices) by category, the matmul rate, the `top` slowest ops, and the step's wall time by how
+  many ops ran at once (`occupancy`, per step, all devices together). FLOPs are those one
+  device's program executes. With `eigen_dots` (XLA:CPU) the matmul rate leaves out the plain
+  `dot` ops, whose events close before Eigen has finished them (`eigen_dot_flops_per_step`)."""
   instrs, comps = parse_hlo(hlo_text)
+  runs = steps * devices
+  times = collections.defaultdict(lambda: [0.0, 0])
+  for op, start, end in events:
+    times[op][0] += (end - start) * 1e-9
+    times[op][1] += 1
   per_category, flops, matmul_s, ops = collections.Counter(), 0.0, 0.0, []
+  untimed_flops = untimed_s = 0.0
   for name, (seconds, executions) in times.items():
     category, dot_flops = categorise(name, instrs, comps)
     per_category[category] += seconds / runs
     if category == "matmul":
       flops += dot_flops * executions / runs
       matmul_s += seconds / runs
+      if eigen_dots and instrs[name].opcode == "dot":
+        untimed_flops += dot_flops * executions / runs
+        untimed_s += seconds / runs
     shape = instrs[name].shape
     ops.append({"op": name, "category": category, "ms": 1e3 * seconds / runs,
                 "shape": shape if len(shape) <= 60 else shape[:57] + "..."})
@@ -173,7 +204,10 @@ def breakdown(hlo_text: str, times: dict[str, tuple[float, int]], runs: int, top
           "categories": {k: {"s": v, "share": v / total if total else 0.0}
                          for k, v in per_category.most_common()},
           "matmul_flops_per_step": flops, "matmul_s_per_step": matmul_s,
-          "matmul_flops_per_s": flops / matmul_s if flops and matmul_s else None,
+          "eigen_dot_flops_per_step": untimed_flops, "eigen_dot_s_per_step": untimed_s,
+          "matmul_flops_per_s": ((flops - untimed_flops) / (matmul_s - untimed_s)
+                                 if flops > untimed_flops and matmul_s > untimed_s else None),
+          "wall": occupancy(events, steps),
           "top_ops": sorted(ops, key=lambda o: -o["ms"])[:top]}
 
 
@@ -190,7 +224,8 @@ def profile_steps(run: Callable[[int], Any], hlo_text: str, trace_dir: str, step
              if files.is_url(trace_dir) else trace_dir)
     with jax.profiler.trace(local):
       run(steps)
-    result = breakdown(hlo_text, op_times(local, ops), steps * devices)
+    result = breakdown(hlo_text, op_events(local, ops), steps, devices,
+                       eigen_dots=jax.default_backend() == "cpu")
     if local != trace_dir:
       files.copy(local, trace_dir)
   return {"trace_dir": trace_dir, "steps": steps, **result}
@@ -205,7 +240,15 @@ def format_breakdown(result: dict[str, Any], peak: float | None = None) -> str:
   rate = result["matmul_flops_per_s"]
   if rate:
     of_peak = f", {rate / peak:.0%} of the peak" if peak else ""
-    lines.append(f"  matmuls run at {rate / 1e9:.1f} GFLOP/s{of_peak}")
+    eigen = result["eigen_dot_flops_per_step"]
+    left_out = (f" (leaving out the Eigen dots, {eigen / 1e9:.1f} GFLOP per step, whose op "
+                "events close before they finish)" if eigen else "")
+    lines.append(f"  matmuls run at {rate / 1e9:.1f} GFLOP/s{of_peak}{left_out}")
+  wall = result["wall"]
+  lines.append(f"  wall time per step {1e3 * sum(wall.values()):.1f} ms: one op running "
+               f"{1e3 * wall['one_op_s']:.1f} ms, several {1e3 * wall['overlap_s']:.1f} ms, none "
+               f"{1e3 * wall['idle_s']:.1f} ms (dispatch, and dots XLA:CPU's Eigen finishes after "
+               "their op's event)")
   lines.append("  slowest ops:")
   lines += [f"    {o['ms']:8.2f} ms  {o['category']:28s} {o['op']} {o['shape']}"
             for o in result["top_ops"]]

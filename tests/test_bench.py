@@ -72,9 +72,21 @@ def test_profile_finds_every_matmul_and_names_the_parts_of_the_step(tmp_path):
   # a matmul with ones over the masked positions: 2 x (8 / 2 rows x 5 positions) x 30522.
   assert p["matmul_flops_per_step"] == pytest.approx(
       r["flops_per_step_analytic"] // 2 + 2 * 4 * 5 * 30522, rel=1e-12)
+  # The rate leaves out XLA:CPU's plain dots (Eigen's), whose op events close before they finish.
+  assert 0 <= p["eigen_dot_flops_per_step"] < p["matmul_flops_per_step"]
   assert p["matmul_flops_per_s"] == pytest.approx(
-      p["matmul_flops_per_step"] / p["matmul_s_per_step"])
+      (p["matmul_flops_per_step"] - p["eigen_dot_flops_per_step"])
+      / (p["matmul_s_per_step"] - p["eigen_dot_s_per_step"]))
   assert [o["ms"] for o in p["top_ops"]] == sorted((o["ms"] for o in p["top_ops"]), reverse=True)
+  assert p["wall"]["one_op_s"] > 0 and p["wall"]["idle_s"] >= 0 and p["wall"]["overlap_s"] >= 0
+
+
+def test_profile_splits_the_wall_time_by_how_many_ops_run_at_once():
+  from bert_jax import step_profile
+  # two steps: a 0-10 and b 5-20 overlap 5 ns; nothing runs 20-30; c alone 30-40
+  events = [("c", 30, 40), ("a", 0, 10), ("b", 5, 20)]
+  wall = step_profile.occupancy(events, steps=2)
+  assert wall == pytest.approx({"idle_s": 5e-9, "one_op_s": 12.5e-9, "overlap_s": 2.5e-9})
 
 
 @pytest.mark.slow  # CI: fused attention against einsum in tests/test_model.py and test_packing.py
