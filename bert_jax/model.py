@@ -274,6 +274,30 @@ def _heads(a: Array) -> Array:
   return _own_copy(jnp.transpose(a.astype(jnp.bfloat16), (0, 2, 1, 3))).reshape(B * N, T, H)
 
 
+def _fused_attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
+                     implementation: str) -> Array:
+  """jax.nn.dot_product_attention of q [B, T, N, H] over k, v [B, S, N, H] -> [B, T, N, H], with
+  the mask in the forms cuDNN's kernel takes: a [B, S] mask as key lengths, a [B, T, S] one
+  (packed rows) as a mask, which cuDNN turns into a bias. With a bias its training kernel wants
+  T and S even, so an odd T gets one more query (a copy of the last, its output dropped) and an
+  odd S one more key that no query sees. The sparse last layer's queries (1 + 20 in
+  pretraining at 128, the [CLS]s of a packed row) are often odd in number."""
+  if mask.ndim == 2:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                        key_value_seq_lengths=mask.sum(-1, dtype=jnp.int32))
+  T, S = q.shape[1], k.shape[1]
+  mask = mask.astype(bool)
+  if T % 2:
+    q = jnp.concatenate([q, q[:, -1:]], axis=1)
+    mask = jnp.concatenate([mask, mask[:, -1:]], axis=1)
+  if S % 2:
+    k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1)))
+  ctx = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask[:, None],
+                                     implementation=implementation)
+  return ctx[:, :T]
+
+
 class SelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention with padding masked out.
 
@@ -301,11 +325,7 @@ class SelfAttention(nn.Module):
     B, T, S = xq.shape[0], xq.shape[1], x.shape[1]
     pairs = mask.ndim == 3
     if cfg.attention == "dot_product":  # attention_dropout is 0 (BertConfig checks)
-      # A [B, T] mask goes in as key lengths (what cuDNN's kernel takes), pairs as a mask.
-      visible = ({"mask": mask[:, None]} if pairs else
-                 {"key_value_seq_lengths": mask.sum(-1, dtype=jnp.int32)})
-      ctx = jax.nn.dot_product_attention(q, k, v, scale=H**-0.5, **visible,
-                                         implementation=cfg.attention_implementation)
+      ctx = _fused_attention(q, k, v, mask, H**-0.5, cfg.attention_implementation)
     else:
       if on_cpu:
         scores = cpu_bf16_batched_matmul(_heads(q), _heads(k), transpose_w=True)

@@ -125,6 +125,29 @@ def test_fused_attention_passes_key_lengths_not_a_mask(monkeypatch):
   np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], [11, 7, 4])
 
 
+def test_fused_attention_on_packed_rows_gives_cudnn_even_lengths(monkeypatch):
+  """Packed rows go to the fused kernel as a mask, which cuDNN turns into a bias; its training
+  kernel then wants an even number of queries and keys. These rows have 11 tokens and the
+  sparse last layer 3 + 2 queries: every call gets even counts, and the outputs and gradients
+  equal einsum's (float32, dropout off)."""
+  calls = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, **kw: calls.append((q.shape[1], k.shape[1])) or real(
+                          q, k, v, **kw))
+  ids, types, mask, *rest = _packed_batch()
+  einsum = TINY.replace(dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
+  fused = einsum.replace(attention="dot_product")
+  params = _pretraining_params(einsum)
+  pos = np.array([[1, 2], [6, 0], [1, 3]], np.int32)
+  model = lambda c: lambda p: BertForPreTraining(c).apply(  # noqa: E731
+      {"params": p}, ids, types, mask, pos, *rest)
+  loss = lambda f: lambda p: sum(x.sum() for x in jax.tree_util.tree_leaves(f(p)))  # noqa: E731
+  _assert_trees_close(model(einsum)(params), model(fused)(params))
+  _assert_trees_close(jax.grad(loss(model(einsum)))(params), jax.grad(loss(model(fused)))(params))
+  assert calls and all(t % 2 == 0 and s % 2 == 0 for t, s in calls), calls
+
+
 def test_fused_attention_with_attention_dropout_is_a_config_error():
   with pytest.raises(ConfigError, match=r"model\.attention='dot_product'.*"
                      r"model\.attention_dropout=0\.1"):
