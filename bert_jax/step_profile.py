@@ -237,18 +237,17 @@ def format_breakdown(result: dict[str, Any], peak: float | None = None) -> str:
            f"(trace in {result['trace_dir']})"]
   for cat, v in result["categories"].items():
     lines.append(f"  {cat:28s} {1e3 * v['s']:9.1f} ms {v['share']:6.1%}")
-  rate = result["matmul_flops_per_s"]
+  rate, eigen = result["matmul_flops_per_s"], result["eigen_dot_flops_per_step"]
   if rate:
     of_peak = f", {rate / peak:.0%} of the peak" if peak else ""
-    eigen = result["eigen_dot_flops_per_step"]
     left_out = (f" (leaving out the Eigen dots, {eigen / 1e9:.1f} GFLOP per step, whose op "
                 "events close before they finish)" if eigen else "")
     lines.append(f"  matmuls run at {rate / 1e9:.1f} GFLOP/s{of_peak}{left_out}")
   wall = result["wall"]
+  idle = "dispatch" + (", and the Eigen dots after their events" if eigen else "")
   lines.append(f"  wall time per step {1e3 * sum(wall.values()):.1f} ms: one op running "
                f"{1e3 * wall['one_op_s']:.1f} ms, several {1e3 * wall['overlap_s']:.1f} ms, none "
-               f"{1e3 * wall['idle_s']:.1f} ms (dispatch, and dots XLA:CPU's Eigen finishes after "
-               "their op's event)")
+               f"{1e3 * wall['idle_s']:.1f} ms ({idle})")
   lines.append("  slowest ops:")
   lines += [f"    {o['ms']:8.2f} ms  {o['category']:28s} {o['op']} {o['shape']}"
             for o in result["top_ops"]]
