@@ -142,9 +142,9 @@ def test_fused_attention_on_packed_rows_gives_cudnn_even_lengths(monkeypatch):
   pos = np.array([[1, 2], [6, 0], [1, 3]], np.int32)
   model = lambda c: lambda p: BertForPreTraining(c).apply(  # noqa: E731
       {"params": p}, ids, types, mask, pos, *rest)
-  loss = lambda f: lambda p: sum(x.sum() for x in jax.tree_util.tree_leaves(f(p)))  # noqa: E731
   _assert_trees_close(model(einsum)(params), model(fused)(params))
-  _assert_trees_close(jax.grad(loss(model(einsum)))(params), jax.grad(loss(model(fused)))(params))
+  _assert_trees_close(jax.grad(_output_sum(model(einsum)))(params),
+                      jax.grad(_output_sum(model(fused)))(params))
   assert calls and all(t % 2 == 0 and s % 2 == 0 for t, s in calls), calls
 
 
@@ -239,6 +239,11 @@ def test_bfloat16_on_cpu_runs_every_matmul_as_bfloat16_dots_with_float32_results
   assert all(v.aval.dtype == jnp.float32 for e in f32 for v in e.invars)
   _assert_trees_close(_pretraining_grads(TINY, params, deterministic=True),
                       _pretraining_grads(cfg, params, deterministic=True), tol=2e-2)
+
+
+def _output_sum(model):
+  """A scalar of every output of `model(params)`, whose gradient reaches each output."""
+  return lambda p: sum(x.sum() for x in jax.tree_util.tree_leaves(model(p)))
 
 
 def _pretraining_grads(cfg, params, deterministic):
@@ -363,13 +368,10 @@ def test_sparse_last_layer_equals_the_full_one(attention, dtype, scan, packed):
   params = {"pretrain": _pretraining_params(full),
             "classify": BertForSequenceClassification(full, num_labels=3).init(
                 jax.random.key(1), ids, types, mask)["params"]}
-  def loss(model):
-    return lambda p: sum(x.sum() for x in jax.tree_util.tree_leaves(model(p)))
-
   for task, model in (("pretrain", pretrain), ("classify", classify)):
     _assert_trees_close(model(full)(params[task]), model(sparse)(params[task]), tol)
-    _assert_trees_close(jax.grad(loss(model(full)))(params[task]),
-                        jax.grad(loss(model(sparse)))(params[task]), tol)
+    _assert_trees_close(jax.grad(_output_sum(model(full)))(params[task]),
+                        jax.grad(_output_sum(model(sparse)))(params[task]), tol)
   # ...and the last layer's feed-forward runs on B x (K + P) rows, not B x T.
   ffn = lambda c: sorted(  # noqa: E731  rows of the forward FFN dots ([B, T, F] or [B T, F])
       int(np.prod(e.outvars[0].aval.shape[:-1])) for e in _dot_generals(jax.make_jaxpr(
