@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import files, optim, sharding, step_profile, trainer
+from bert_jax import cli, files, optim, sharding, step_profile, trainer
 from bert_jax.config import ATTENTIONS, VARIANTS, BertConfig, get_variant
 from bert_jax.errors import ConfigError
 
@@ -444,7 +444,7 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.bench", description=__doc__,
+  p = argparse.ArgumentParser(prog=cli.prog("bert_jax.bench"), description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--task", choices=("pretraining", "classification"), default="pretraining",
                  help="the pretraining step or the sequence-classification fine-tuning step")
@@ -534,6 +534,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-  from bert_jax import cli
   cli.use_huge_pages()
   cli.run(main)

@@ -38,6 +38,13 @@ def _no_library_tracebacks(record: logging.LogRecord) -> bool:
   return True
 
 
+def prog(module: str) -> str:
+  """The name argparse's usage line gives a command: the console command's (`bert-jax-convert`)
+  when it runs as one, else `python -m <module>`."""
+  name = os.path.basename(sys.argv[0])
+  return name if name.startswith("bert-jax-") else f"python -m {module}"
+
+
 def run(main: Callable[..., Any], *args: Any) -> Any:
   """Calls main(*args); a user error or a non-finite loss prints one line and exits with the
   error's code (2 for bad input, 3 for a NaN/Inf loss)."""

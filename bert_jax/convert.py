@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from bert_jax import files
+from bert_jax import cli, files
 from bert_jax.config import BertConfig
 from bert_jax.files import replacing_dir
 from bert_jax.params import (
@@ -381,7 +381,7 @@ def to_hf_command(ckpt_dir: str, out_dir: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.convert", description=__doc__,
+  p = argparse.ArgumentParser(prog=cli.prog("bert_jax.convert"), description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   f = sub.add_parser("from-hf", help="Hugging Face BERT directory -> bert_jax model export")
@@ -398,5 +398,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  from bert_jax import cli
   cli.run(main)

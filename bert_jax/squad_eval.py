@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bert_jax import cli
 from bert_jax.data.errors import DataError
 from bert_jax.data.squad import load_json
 
@@ -325,7 +326,7 @@ def _load_mapping(path: str, value_type) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.squad_eval",
+  p = argparse.ArgumentParser(prog=cli.prog("bert_jax.squad_eval"),
                               description="Official SQuAD v1.1 / v2.0 scores, printed as JSON.")
   p.add_argument("data_file", help="SQuAD JSON (v1.1 or v2.0, detected)")
   p.add_argument("pred_file", help="predictions JSON {question id: answer text}")
@@ -347,5 +348,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  from bert_jax import cli
   cli.run(main)

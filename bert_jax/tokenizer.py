@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from bert_jax import files
+from bert_jax import cli, files
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
 from bert_jax.errors import BertJaxError
@@ -440,7 +440,7 @@ def train_sentencepiece(files: Sequence[str | pathlib.Path], vocab_size: int,
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.tokenizer", description=__doc__,
+  p = argparse.ArgumentParser(prog=cli.prog("bert_jax.tokenizer"), description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a SentencePiece model with the BERT special tokens")
@@ -468,5 +468,4 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  from bert_jax import cli
   cli.run(_main)

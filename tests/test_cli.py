@@ -85,6 +85,22 @@ def test_help_describes_the_command_and_its_flags(tmp_path, argv, first_line):
   assert "--config: " in out.stdout and "--workdir: " in out.stdout, out.stdout
 
 
+@pytest.mark.parametrize("argv,usage", [
+    (["bert-jax-convert", "--help"], "usage: bert-jax-convert "),
+    (["bert-jax-bench", "--help"], "usage: bert-jax-bench "),
+    ([sys.executable, "-m", "bert_jax.squad_eval", "--help"],
+     "usage: python -m bert_jax.squad_eval "),
+])
+def test_usage_names_the_command_as_it_was_run(tmp_path, argv, usage):
+  """The argparse commands' usage line gives the name the user typed: the console command, or
+  `python -m module`."""
+  if not argv[0].startswith("/"):
+    argv = [str(pathlib.Path(sys.executable).parent / argv[0]), *argv[1:]]
+  out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith(usage), out.stdout
+
+
 @pytest.mark.parametrize("env,want", [
     ({}, "glibc.malloc.hugetlb=1"),
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import faults, packing
+from bert_jax import cli, faults, packing
 from bert_jax import files as storage  # `files` names the input files here
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
@@ -664,7 +664,7 @@ def read_manifest(data_dir: str | pathlib.Path) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog="python -m bert_jax.data.pretraining",
+  p = argparse.ArgumentParser(prog=cli.prog("bert_jax.data.pretraining"),
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--input_files", required=True, help="comma-separated files or globs")
   p.add_argument("--tokenizer", required=True, help="SentencePiece .model or WordPiece vocab.txt")
@@ -703,5 +703,4 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  from bert_jax import cli
   cli.run(_main)
