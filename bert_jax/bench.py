@@ -53,10 +53,12 @@ from bert_jax import cli, files, optim, sharding, step_profile, trainer
 from bert_jax.config import ATTENTIONS, VARIANTS, BertConfig, get_variant
 from bert_jax.errors import ConfigError
 
-# Published dense bf16 peaks per chip (FLOP/s), matched against a lower-cased device_kind.
+# Published dense bf16 peaks per chip (FLOP/s), matched in order against a lower-cased
+# device_kind (jax says "TPU v6 lite" for a v6e, "TPU v5 lite" for a v5e, "TPU v5" for a v5p).
 PUBLISHED_PEAKS: tuple[tuple[str, float], ...] = (
+    ("v6 lite", 918e12), ("v6e", 918e12),
     ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
-    ("a100", 312e12), ("h200", 989e12), ("h100", 989e12),
+    ("a100", 312e12), ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12),
 )
 
 

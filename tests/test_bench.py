@@ -152,6 +152,17 @@ def test_an_unknown_attention_is_refused(capsys):
   assert "--attention: 'flash' is not one of einsum, dot_product" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_mfu_uses_the_chips_published_bf16_peak(kind, peak):
+  """MFU on an accelerator is against the chip's published dense bfloat16 peak, found from jax's
+  device_kind; a chip we do not know gets None (bench then asks for --peak_flops)."""
+  assert bench.published_peak(kind) == peak
+
+
 def test_default_max_predictions_matches_bert():
   assert [bench.default_max_predictions(t) for t in (20, 32, 128, 512)] == [3, 5, 20, 77]
 
