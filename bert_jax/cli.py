@@ -175,6 +175,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # a --config.* override
     _config_error(e, argv[1:])
   except flags.Error as e:
+    missing = re.findall(r"Flag (--\w+) must have a value other than None", str(e))
+    if missing:  # absl's required flags: "--config=None: Flag --config must have a value ..."
+      print(f"error: missing {' and '.join(dict.fromkeys(missing))} "
+            f"(`{os.path.basename(argv[0])} --help` describes them)", file=sys.stderr)
+      sys.exit(2)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     head = lines[0].removeprefix("flag ").rstrip(":")
     reason = re.sub(r"^\w+(Error|Exception): ", "", lines[-1]) if len(lines) > 1 else ""

@@ -28,6 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("finetune.py", [f"--config={ROOT}/configs/classify.py", "--workdir=w"],
      "error: random initialisation (init_from='') needs --config.tokenizer"),
     ("train.py", ["--workdir=notes.txt"], "notes.txt: is a file; expected a directory"),
+    # absl's required flags, as one line that names them all
+    ("finetune.py", [], "error: missing --config and --workdir (`finetune.py --help` describes"),
+    ("finetune.py", ["--config=configs/classify.py"], "error: missing --workdir ("),
     # A shipped config by its name, from a directory that has no configs/: the shipped one.
     ("finetune.py", ["--config=configs/classify.py:tiny", "--workdir=w"],
      "error: random initialisation (init_from='') needs --config.tokenizer"),
