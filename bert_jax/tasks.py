@@ -299,8 +299,11 @@ class SquadTask(_Sets):
                                 self._per_window(outputs["end_logits"]), n_best_size=d.n_best_size,
                                 max_answer_length=d.max_answer_length, version_2=self.version_2,
                                 null_score_diff_threshold=d.null_score_diff_threshold)
+    # v2.0: a question counts as unanswered where its null odds pass the threshold that wrote
+    # predictions.json (the official script's default of 1.0 would score another answer set)
     scores = squad_eval.evaluate(self.eval_json, decoded["predictions"],
-                                 decoded.get("null_odds") if self.version_2 else None)
+                                 decoded.get("null_odds") if self.version_2 else None,
+                                 na_prob_thresh=d.null_score_diff_threshold)
     results = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
     files = {"predictions.json": decoded["predictions"],
              "nbest_predictions.json": decoded["nbest_predictions"]}

@@ -184,6 +184,29 @@ def test_decode_of_gold_positions_gives_gold_answers():
   assert result == {"exact_match": 100.0, "f1": 100.0}
 
 
+@pytest.mark.parametrize("threshold,answer", [(3.0, "cat"), (0.0, "")])
+def test_evaluation_scores_the_predictions_it_writes(tmp_path, threshold, answer):
+  """The evaluation of a v2.0 run (which picks its best checkpoint) scores predictions.json as
+  written: the null score beats the best span by 2, so with data.null_score_diff_threshold 3
+  the question is answered, and counted as answered (the official script's default threshold
+  of 1.0 on the null odds would count it unanswered); with 0 it is unanswered."""
+  from bert_jax import tasks
+  from configs import squad as squad_config
+  path = _write(tmp_path, _squad([_q("q", "cat", 4, is_impossible=False)], version="v2.0"))
+  cfg = squad_config.get_config("tiny")
+  cfg.data.train_file = cfg.data.eval_file = str(path)
+  cfg.data.null_score_diff_threshold = threshold
+  task = tasks.SquadTask(cfg, WhitespaceTok())
+  start = np.zeros(task.eval_features()["input_ids"].shape)
+  start[0, 0] = 2.0  # [CLS]: null score 2 + 2
+  start[0, 6] = 1.0  # [CLS] where is it [SEP] the cat: "cat" from 6 to 6 scores 1 + 1
+  results, files = task.evaluate({"start_logits": start, "end_logits": start.copy()})
+  assert files["predictions.json"] == {"q": answer}
+  assert files["null_odds.json"]["q"] == pytest.approx(2.0)
+  want = 100.0 if answer else 0.0
+  assert results["exact"] == results["f1"] == want, results
+
+
 def _decode_gold(examples, feats, meta):
   """Logits peaked at the training positions of every window that holds the answer."""
   n, t = feats["input_ids"].shape
