@@ -243,8 +243,8 @@ def _nbest(cands: list[_Candidate], null: _Candidate | None, context: str,
       break
     text = "" if c is null else context[offsets[c.feature, c.start, 0]:
                                          offsets[c.feature, c.end, 1]].strip()
-    if text in seen:
-      continue
+    if text in seen or (c is not null and not text):  # a span of no characters (a bare
+      continue  # SentencePiece "▁" has an empty offset) is no answer, nor v2.0's null
     seen.add(text)
     entries.append((text, c.start_logit, c.end_logit))
   if null is not None and "" not in seen:

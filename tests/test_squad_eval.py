@@ -202,6 +202,28 @@ def test_decode_v2_null_and_threshold():
   assert out["predictions"]["q1"] == ""
 
 
+@pytest.mark.parametrize("version_2", [False, True])
+def test_a_span_of_no_characters_is_no_answer(version_2):
+  """A SentencePiece "▁" standing alone covers no character (offset (5, 5) here): a span of
+  only such pieces is no answer text, so it neither becomes the prediction "" nor takes the
+  place of v2.0's no-answer entry, which keeps the null score's logits."""
+  meta = _meta([[WORDS[0], (5, 5), *WORDS[1:3]]], [[1, 1, 1, 1]])
+  start, end = np.zeros((1, 8)), np.zeros((1, 8))
+  start[0, 4], end[0, 4] = 9.0, 9.0  # the empty piece alone: the top span, 18
+  start[0, 5], end[0, 5] = 2.0, 2.0  # "beta": 4, or from the empty piece on (9 + 2) 11
+  start[0, 0], end[0, 0] = 1.0, 1.0  # [CLS]: the null score, 2
+  out = squad_eval.decode([EXAMPLE], meta, start, end, version_2=version_2)
+  assert out["predictions"]["q1"] == "beta"
+  nbest = out["nbest_predictions"]["q1"]
+  assert nbest[0]["text"] == "beta"
+  empty = [e for e in nbest if e["text"] == ""]
+  if version_2:
+    assert [(e["start_logit"], e["end_logit"]) for e in empty] == [(1.0, 1.0)]
+    assert out["null_odds"]["q1"] == pytest.approx(2.0 - 11.0)
+  else:
+    assert not empty
+
+
 def test_best_indexes_ties_keep_position_order():
   assert squad_eval.best_indexes(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
 
