@@ -31,6 +31,8 @@ def check_instances(f, tok, whole_word=False):
   lengths = mask.sum(1)
   n_masked = w.sum(1).astype(int)
   special = np.isin(np.arange(tok.vocab_size), tok.special_ids)
+  never = special.copy()  # never chosen: every special token but [UNK], as in the original
+  never[tok.unk_id] = False
   counts = {"mask": 0, "same": 0, "random": 0}
   for i in range(len(ids)):
     n, k = lengths[i], n_masked[i]
@@ -42,21 +44,21 @@ def check_instances(f, tok, whole_word=False):
     assert (np.diff(p) > 0).all(), "positions sorted and unique"
     assert ((p > 0) & (p < n)).all() and not np.isin(p, seps).any(), "no [CLS]/[SEP]/padding"
     assert (w[i, k:] == 0).all() and (pos[i, k:] == 0).all()
-    assert not special[lab[i, :k]].any()
+    assert not never[lab[i, :k]].any()
     got = ids[i, p]
     counts["mask"] += int((got == tok.mask_id).sum())
     counts["same"] += int((got == lab[i, :k]).sum())
     counts["random"] += int(((got != tok.mask_id) & (got != lab[i, :k])).sum())
-    assert not special[got[got != tok.mask_id]].any()
+    assert not special[got[(got != tok.mask_id) & (got != lab[i, :k])]].any()  # replacements
     if whole_word:
       original = ids[i, :n].copy()
       original[p] = lab[i, :k]
-      starts = tok.word_starts[original] | special[original]
+      starts = tok.word_starts[original] | never[original]
       chosen = np.zeros(n, bool)
       chosen[p] = True
       word = np.cumsum(starts)
       for wid in np.unique(word[p]):
-        assert chosen[(word == wid) & ~special[original]].all(), "a word was split"
+        assert chosen[(word == wid) & ~never[original]].all(), "a word was split"
   total = sum(counts.values())
   return {"masked_share": w.sum() / (lengths - 3).sum(),
           "mask": counts["mask"] / total, "same": counts["same"] / total,
@@ -337,12 +339,33 @@ def _assert_same_features(got, want):
 
 
 @pytest.mark.parametrize("whole_word", [False, True])
+def test_unknown_tokens_are_masked_like_any_other(whole_word):
+  """The original recipe's candidates are all tokens but [CLS] and [SEP]: a row of 33 [UNK]s
+  gets round(0.15 * 35) = 5 predictions, all at [UNK]s, and a random replacement is still
+  never a special token."""
+  pad, unk, cls, sep, mask = range(5)
+  spec = pretraining.MaskingSpec.create([pad, unk, cls, sep, mask], np.ones(50, bool), mask, unk,
+                                        max_predictions=20, whole_word=whole_word)
+  ids = np.full((256, 40), pad)
+  ids[:, 0], ids[:, 1:34], ids[:, 34] = cls, unk, sep
+  got = pretraining.mask_batch(ids, np.full(256, 35), spec, pretraining.masking_keys(
+      3, np.arange(256)), pad)
+  assert (got["masked_lm_weights"].sum(1) == 5).all()
+  positions = got["masked_lm_positions"][:, :5]
+  assert ((positions >= 1) & (positions <= 33)).all()
+  assert (got["masked_lm_ids"][:, :5] == unk).all()
+  replaced = got["input_ids"][:, 1:34]
+  assert not np.isin(replaced, [pad, cls, sep]).any()
+  assert (replaced == mask).any() and (replaced >= 5).any()  # [MASK]s and random tokens
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
 def test_mask_batch_equals_the_per_row_reference_on_odd_rows(whole_word):
   """Short rows, rows of special tokens only, long words, a budget larger than the candidates."""
   rng = np.random.default_rng(0)
   vocab, t = 50, 24
   word_starts = rng.random(vocab) < 0.4
-  spec = pretraining.MaskingSpec.create([0, 1, 2, 3, 4], word_starts, 4, masked_lm_prob=0.3,
+  spec = pretraining.MaskingSpec.create([0, 1, 2, 3, 4], word_starts, 4, 1, masked_lm_prob=0.3,
                                         max_predictions=6, whole_word=whole_word)
   ids = rng.integers(0, vocab, (64, t))
   ids[:8] = rng.integers(0, 5, (8, t))  # no candidates

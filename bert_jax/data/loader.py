@@ -115,7 +115,7 @@ class PretrainingLoader:
       d = pathlib.Path(data_dir)
       ids = self.manifest["special_ids"]
       self.masking = pretraining.MaskingSpec.create(
-          list(ids.values()), np.load(d / pretraining.WORD_STARTS), ids["mask"],
+          list(ids.values()), np.load(d / pretraining.WORD_STARTS), ids["mask"], ids["unk"],
           masked_lm_prob=self.manifest["masked_lm_prob"],
           max_predictions=self.manifest["max_predictions_per_seq"],
           whole_word=self.manifest["whole_word_mask"])

@@ -10,17 +10,17 @@ written atomically (a failed run leaves an existing directory untouched):
 The recipe (create_pretraining_data.py of google-research/bert): sentences of a document are packed
 into chunks up to a target length (shorter, drawn uniformly, with probability short_seq_prob); a
 chunk is cut at a random sentence into A and B, and B is replaced by text from a random other
-document half of the time (next_sentence_labels 1 = random); the longer of A and B is truncated
-one token at a time from a random end; [CLS] A [SEP] B [SEP]. Each of dupe_factor passes draws new
-pairs and masks. Masking: 15% of the tokens (rounded, at least 1, at most max_predictions_per_seq)
-are chosen among all but [CLS]/[SEP]; each chosen token becomes [MASK] 80%, a random token 10%,
-itself 10%. Whole-word masking chooses whole words (a word = a token that starts one, WordPiece
-without "##", SentencePiece with "▁", a CJK character or punctuation mark, plus the tokens after
-it that do not). With dynamic masking the instances are stored unmasked and the loader masks them
+document half of the time (next_sentence_labels 1 = random); the longer of A and B is truncated one
+token at a time from a random end; [CLS] A [SEP] B [SEP]. Each of dupe_factor passes draws new pairs
+and masks. Masking: 15% of the tokens (rounded, at least 1, at most max_predictions_per_seq) are
+chosen among all but [CLS]/[SEP] ([UNK]s too); each chosen token becomes [MASK] 80%, a random token
+10%, itself 10%. Whole-word masking chooses whole words (a word = a token that starts one, WordPiece
+without "##", SentencePiece with "▁", a CJK character or punctuation mark, plus the tokens after it
+that do not). With dynamic masking the instances are stored unmasked and the loader masks them
 afresh each epoch. With --pack, rows hold several instances each (bert_jax.packing: positions
 restart at each instance's [CLS], attention stays within an instance, one next-sentence label per
-instance [rows, K]); the masked positions are then chosen per row, 15% of its real tokens, and
-the manifest records the padding share with and without packing.
+instance [rows, K]); the masked positions are then chosen per row, 15% of its real tokens, and the
+manifest records the padding share with and without packing.
 
 Differences from the original, on purpose: a chunk of one sentence is not always paired with a
 random B (which skews the labels towards "random"): when the coin says "true next", the sentence is
@@ -79,20 +79,24 @@ class MaskingSpec:
   """What masking needs to know about the vocabulary, and the masking options."""
 
   mask_id: int
-  special: np.ndarray       # bool[vocab]: never chosen ([CLS], [SEP], [PAD], ...)
+  special: np.ndarray       # bool[vocab]: never chosen ([CLS], [SEP], [PAD], [MASK])
   word_starts: np.ndarray   # bool[vocab]: begins a word (whole-word masking)
-  normal_ids: np.ndarray    # the ids a random replacement is drawn from
+  normal_ids: np.ndarray    # the ids a random replacement is drawn from (no special token)
   masked_lm_prob: float = 0.15
   max_predictions: int = 20
   whole_word: bool = False
 
   @classmethod
   def create(cls, special_ids: Sequence[int], word_starts: np.ndarray, mask_id: int,
-             **options: Any) -> MaskingSpec:
+             unk_id: int, **options: Any) -> MaskingSpec:
+    """special_ids: the tokenizer's special tokens, never drawn as a random replacement; all
+    but [UNK] (`unk_id`) are never chosen either: the original recipe masks an [UNK] as any
+    other token (only [CLS] and [SEP] are no candidates; [PAD] and [MASK] occur in no text)."""
     special = np.zeros(len(word_starts), bool)
     special[list(special_ids)] = True
-    return cls(mask_id, special, np.asarray(word_starts, bool), np.flatnonzero(~special),
-               **options)
+    replaceable = np.flatnonzero(~special)
+    special[unk_id] = False
+    return cls(mask_id, special, np.asarray(word_starts, bool), replaceable, **options)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (2^64 / the golden ratio)
@@ -573,7 +577,7 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
       raise DataError(f"{', '.join(map(str, files))}: no document has two sentences; next-"
                       "sentence pairs need documents of several lines (one sentence per line, a "
                       "blank line between documents)")
-    masking = MaskingSpec.create(tok.special_ids, tok.word_starts, tok.mask_id,
+    masking = MaskingSpec.create(tok.special_ids, tok.word_starts, tok.mask_id, tok.unk_id,
                                  masked_lm_prob=masked_lm_prob,
                                  max_predictions=max_predictions_per_seq,
                                  whole_word=whole_word_mask)
