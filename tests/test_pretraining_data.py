@@ -116,6 +116,18 @@ def test_recipe_statistics_chinese(tmp_path):
   assert abs(stats["mask"] - 0.8) < 0.02
 
 
+@pytest.mark.parametrize("fraction,warned", [(0.01, True), (0.1, False), (0.0, False)])
+def test_an_eval_split_of_one_document_is_warned_about(caplog, fraction, warned):
+  """Random-next B segments come from another document of the same split: an eval split of one
+  document has none, and the user is told (eval_fraction 0.01 of 50 documents)."""
+  import logging
+  from types import SimpleNamespace
+  with caplog.at_level(logging.WARNING, logger="bert_jax.data.pretraining"):
+    split = pretraining._split_documents(SimpleNamespace(num_documents=lambda: 50), fraction, 0)
+  assert len(split.get("eval", [])) == {0.01: 1, 0.1: 5, 0.0: 0}[fraction]
+  assert ("eval split holds 1 document of 50" in caplog.text) == warned, caplog.text
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
   """A tokenizer and the first 200 kB of the bundled corpus."""

@@ -534,6 +534,10 @@ def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
   if eval_fraction <= 0 or n < 2:
     return {"train": np.arange(n)}
   n_eval = min(n - 1, max(1, int(round(eval_fraction * n))))
+  if n_eval == 1:
+    log.warning("the eval split holds 1 document of %d (eval_fraction %g): its next-sentence "
+                "'random' B segments can only come from that same document, so the eval NSP "
+                "accuracy means little; a larger eval_fraction gives it several", n, eval_fraction)
   perm = np.random.default_rng([seed, 2]).permutation(n)
   return {"train": np.sort(perm[n_eval:]), "eval": np.sort(perm[:n_eval])}
 
