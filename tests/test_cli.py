@@ -50,6 +50,13 @@ def _console_commands() -> dict[str, str]:
   return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
+def _run_command(argv, cwd):
+  """Runs argv in `cwd`; a bare first word is a console command of this environment."""
+  if not argv[0].startswith("/"):
+    argv = [str(pathlib.Path(sys.executable).parent / argv[0]), *argv[1:]]
+  return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 def test_the_install_puts_every_console_command_on_the_path():
   bin_dir = pathlib.Path(sys.executable).parent
   missing = [name for name in _console_commands() if not (bin_dir / name).is_file()]
@@ -63,8 +70,7 @@ def test_the_install_puts_every_console_command_on_the_path():
     ("bert-jax-convert", ["to-hf", "nowhere", "out"], "nowhere"),
 ])
 def test_console_commands_run_the_scripts_from_any_directory(tmp_path, command, args, message):
-  out = subprocess.run([str(pathlib.Path(sys.executable).parent / command), *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  out = _run_command([command, *args], tmp_path)
   assert out.returncode == 2, out.stderr
   assert "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
@@ -80,9 +86,7 @@ def test_help_describes_the_command_and_its_flags(tmp_path, argv, first_line):
   """--help (script or console command) prints what the command does and its own flags (absl
   would print only a usage line for a console script, and no flags defined outside __main__),
   and exits 0."""
-  if not argv[0].startswith("/"):
-    argv = [str(pathlib.Path(sys.executable).parent / argv[0]), *argv[1:]]
-  out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  out = _run_command(argv, tmp_path)
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith(first_line), out.stdout
   assert "--config: " in out.stdout and "--workdir: " in out.stdout, out.stdout
@@ -97,9 +101,7 @@ def test_help_describes_the_command_and_its_flags(tmp_path, argv, first_line):
 def test_usage_names_the_command_as_it_was_run(tmp_path, argv, usage):
   """The argparse commands' usage line gives the name the user typed: the console command, or
   `python -m module`."""
-  if not argv[0].startswith("/"):
-    argv = [str(pathlib.Path(sys.executable).parent / argv[0]), *argv[1:]]
-  out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  out = _run_command(argv, tmp_path)
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith(usage), out.stdout
 
