@@ -334,18 +334,21 @@ def _set_aside(directory: epath.Path, steps: list[int], why: str = "unreadable")
     log.warning("moved the %s step %d to %s", why, step, dst)
 
 
-def set_aside_diverged(mngr: ocp.CheckpointManager, step: int) -> epath.Path | None:
+def set_aside_diverged(mngr: ocp.CheckpointManager, step: int
+                       ) -> tuple[epath.Path, int | None] | None:
   """Renames checkpoint `step`, whose weights gave a NaN/Inf loss or gradient at the next update,
-  to `<step>.diverged` (kept for inspection; a rerun resumes from the step before it). Waits for
-  a write of it still under way first. Returns the new path; None when no such step was saved.
-  Every process calls it (process 0 renames, behind a barrier)."""
+  to `<step>.diverged` (kept for inspection; a rerun resumes from the newest step before it).
+  Waits for a write of it still under way first. Returns (the new path, the newest step left,
+  None if none is); None when no such step was saved. Every process calls it (process 0
+  renames, behind a barrier)."""
   mngr.wait_until_finished()
-  if step not in _agreed_steps(mngr):
+  steps = _agreed_steps(mngr)
+  if step not in steps:
     return None
   directory = epath.Path(mngr.directory)
   files.on_process_0(_set_aside, directory, [step], "diverged")
   mngr.reload()
-  return directory / f"{step}.diverged"
+  return directory / f"{step}.diverged", next((s for s in steps if s < step), None)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any

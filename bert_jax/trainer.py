@@ -256,9 +256,14 @@ def _check_finite(first: Array, set_aside: Callable[[int], Any] | None) -> None:
   if step < 0:
     return
   moved = set_aside(step - 1) if set_aside is not None else None
-  kept = (f"; the checkpoint of step {step - 1}, whose weights gave it, was moved to {moved} "
-          "and the older checkpoints are kept" if moved is not None else
-          ", so the checkpoints already written hold finite weights")
+  if moved is None:
+    kept = ", so the checkpoints already written hold finite weights"
+  else:
+    path, older = moved
+    kept = (f"; the checkpoint of step {step - 1}, whose weights gave it, was moved to {path}, "
+            + (f"so a rerun resumes from step {older}" if older is not None else
+               "and no older checkpoint is kept (train.keep_checkpoints), so a rerun starts "
+               "from the beginning"))
   raise NonFiniteLossError(f"step {step}: the loss is NaN or Inf, or the gradient norm is; "
                            f"stopping before any save{kept}")
 
@@ -277,8 +282,9 @@ class Loop:
     should_evaluate(step) and after the last step.
   save(step, state): writes a checkpoint; called where should_checkpoint(step), after the last
     step and on a preemption signal, always after the NaN/Inf check of that step.
-  set_aside(step) -> where the checkpoint of `step` was moved, or None if there is none: called
-    when update `step` + 1 went NaN/Inf (the weights of `step` gave it), before the error.
+  set_aside(step) -> (where the checkpoint of `step` was moved, the newest step left or None),
+    or None if `step` has no checkpoint: called when update `step` + 1 went NaN/Inf (the weights
+    of `step` gave it), before the error.
   """
 
   mesh: Mesh

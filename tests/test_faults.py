@@ -301,6 +301,31 @@ def _flip_a_bit(f: pathlib.Path) -> None:
   f.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("kept", [("1", "2"), ("2",)])
+def test_the_diverged_error_names_where_a_rerun_starts(tiny_steps, tmp_path, kept):
+  """The weights of step 2 gave a NaN at update 3: step 2 is set aside, and the error names the
+  step a rerun resumes from, or says there is none (keep_checkpoints=1)."""
+  import jax.numpy as jnp
+
+  from bert_jax import checkpoint, trainer
+  src, _ = tiny_steps
+  d = tmp_path / "checkpoints"
+  for step in kept:
+    shutil.copytree(src / step, d / step)
+  mngr = checkpoint.manager(d)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer._check_finite(jnp.int32(3), lambda s: checkpoint.set_aside_diverged(mngr, s))
+  mngr.close()
+  assert (d / "2.diverged").is_dir() and not (d / "2").exists()
+  assert str(d / "2.diverged") in str(e.value)
+  if "1" in kept:
+    assert "a rerun resumes from step 1" in str(e.value)
+    assert mngr.latest_step() == 1
+  else:
+    assert "no older checkpoint is kept" in str(e.value)
+    assert "a rerun starts from the beginning" in str(e.value)
+
+
 DAMAGE = {
     "truncated array file": lambda s: os.truncate(_largest_file(s / "state"),
                                                    _largest_file(s / "state").stat().st_size // 2),
