@@ -75,6 +75,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> BertCo
       raise ConversionError(f"{source}: {field} is {hf[field]!r} but bert_jax implements only "
                             f"{' / '.join(map(repr, allowed))} (exact erf GELU, learned absolute "
                             "positions)")
+  for field in ("is_decoder", "add_cross_attention"):
+    if hf.get(field):
+      raise ConversionError(f"{source}: {field} is true but bert_jax implements only the "
+                            "bidirectional encoder (no causal attention, no cross-attention)")
   try:
     return BertConfig(**{ours: hf[name] for name, ours in _CONFIG_FIELDS.items() if name in hf})
   except (TypeError, ValueError) as e:
@@ -198,17 +202,28 @@ def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items() if not _is_buffer(k)}
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _shards(index: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / s for s in sorted(set(weight_map.values()))]
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise ConversionError(f"{index}: not a weight index (expected JSON with a \"weight_map\" of "
+                          f"tensor names to shard files; {type(e).__name__}: {e})") from None
+
+
 def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
-  if (path / "model.safetensors").is_file():
-    return _read_safetensors([path / "model.safetensors"])
-  index = path / "model.safetensors.index.json"
-  if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return _read_safetensors([path / s for s in shards])
-  if (path / "pytorch_model.bin").is_file():
-    return _read_torch(path / "pytorch_model.bin")
-  raise ConversionError(f"{path}: no weights (expected model.safetensors, "
-                        "model.safetensors.index.json or pytorch_model.bin)")
+  """The tensors of the first of WEIGHT_FILES that `path` holds (an index: all its shards)."""
+  name = next((n for n in WEIGHT_FILES if (path / n).is_file()), None)
+  if name is None:
+    raise ConversionError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+  files_ = _shards(path / name) if name.endswith(".index.json") else [path / name]
+  if name.startswith("model.safetensors"):
+    return _read_safetensors(files_)
+  return {k: v for f in files_ for k, v in _read_torch(f).items()}
 
 
 def _canonical_name(name: str) -> str:
@@ -222,38 +237,57 @@ def _canonical_name(name: str) -> str:
   return name
 
 
+# Heads of Hugging Face's task models (sequence/token classification, multiple choice; SQuAD):
+# our fine-tuning starts its task head fresh.
+_TASK_HEADS = ("classifier.", "qa_outputs.")
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+  return a.shape == b.shape and np.array_equal(a, b)
+
+
 def _untie(tensors: dict[str, np.ndarray], source: str) -> None:
-  """Drops the tied decoder copies (our decoder is the word embedding plus one bias)."""
-  pairs = (("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-           ("cls.predictions.decoder.bias", "cls.predictions.bias"))
-  for copy, main in pairs:
-    if copy not in tensors:
-      continue
-    value = tensors.pop(copy)
-    if main not in tensors:
-      tensors[main] = value
-    elif value.shape != tensors[main].shape or not np.array_equal(value, tensors[main]):
-      log.warning("%s: %s differs from %s; bert_jax ties the two and uses %s", source, copy,
-                  main, main)
+  """Folds the decoder's copies into our masked-LM head: our decoder is the word embedding plus
+  one bias. The bias kept is the decoder's, which Hugging Face's forward adds; a decoder weight
+  that is not the word embedding (tie_word_embeddings false) has no place in our model."""
+  weight = tensors.pop("cls.predictions.decoder.weight", None)
+  embedding = tensors.get("bert.embeddings.word_embeddings.weight")
+  if weight is not None and embedding is not None and not _same(weight, embedding):
+    raise ConversionError(
+        f"{source}: cls.predictions.decoder.weight is not the word embedding matrix (an untied "
+        "masked-LM decoder); bert_jax ties the two, so this masked-LM head cannot be converted. "
+        "Fine-tuning from this directory works: it uses the encoder alone")
+  bias = tensors.pop("cls.predictions.decoder.bias", None)
+  if bias is not None:
+    tensors["cls.predictions.bias"] = bias
 
 
-def _canonical_tensors(raw: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def _canonical_tensors(raw: Mapping[str, np.ndarray], source: str, encoder_only: bool
+                       ) -> dict[str, np.ndarray]:
   tensors: dict[str, np.ndarray] = {}
   for name, value in raw.items():
     canonical = _canonical_name(name)
     if canonical in tensors:
       raise ConversionError(f"{source}: holds {canonical} twice (under two names)")
     tensors[canonical] = value
+  if encoder_only:
+    return {k: v for k, v in tensors.items() if k.startswith("bert.")}
+  task = sorted(k for k in tensors if k.startswith(_TASK_HEADS))
+  if task:
+    log.warning("%s: not converting the task head %s (bert_jax's fine-tuning starts its head "
+                "fresh)", source, ", ".join(task))
+    tensors = {k: v for k, v in tensors.items() if k not in task}
   _untie(tensors, source)
   return tensors
 
 
-def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: str) -> Params:
+def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: str,
+                   encoder_only: bool = False) -> Params:
   """Our BertForPreTraining tree, in the layout of `config`, from a Hugging Face state dict
-  (numpy arrays)."""
-  tensors = _canonical_tensors(raw, source)
+  (numpy arrays); with `encoder_only`, {"bert": the encoder}, the heads' tensors ignored."""
+  tensors = _canonical_tensors(raw, source, encoder_only)
   abstract = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
-  rows = _table(config)
+  rows = [r for r in _table(config) if not encoder_only or r.path[0] == "bert"]
   present = {g for g in OPTIONAL_GROUPS for r in rows if _group(r.path) == g and r.hf in tensors}
   flat, missing, shapes = {}, [], []
   for row in rows:
@@ -271,7 +305,9 @@ def params_from_hf(config: BertConfig, raw: Mapping[str, np.ndarray], source: st
   report = mismatch_report(missing, unexpected, shapes)
   if report:
     raise ConversionError(f"{source}: the weights do not match its config.json: {report}")
-  return match_layout(complete_params(config, traverse_util.unflatten_dict(flat), source), config)
+  groups = [g for g in OPTIONAL_GROUPS if not encoder_only or g[0] == "bert"]
+  params = complete_params(config, traverse_util.unflatten_dict(flat), source, groups)
+  return match_layout(params, config)
 
 
 def _hf_dir(path: files.PathLike) -> epath.Path:
@@ -281,12 +317,15 @@ def _hf_dir(path: files.PathLike) -> epath.Path:
   return path
 
 
-def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
-  """(config, params) from a Hugging Face BERT directory.
+def load_hf(path: str | pathlib.Path, encoder_only: bool = False
+            ) -> tuple[BertConfig, Params]:
+  """(config, params) from a Hugging Face BERT directory (BertModel, BertForPreTraining,
+  BertForMaskedLM or a task model, whose task head is left out with a warning).
 
   params is our full BertForPreTraining tree {"bert", "mlm", "nsp"} of float32 numpy arrays,
   layers unrolled (config.scan_layers is False; `bert_jax.params.match_layout` converts);
   heads (and the pooler) the source lacks are initialised fresh, with a warning naming them.
+  `encoder_only` (fine-tuning): {"bert": ...} alone, whatever heads the source has.
   A URL (gs://...) is read through a local copy.
   """
   path = _hf_dir(path)
@@ -299,7 +338,7 @@ def load_hf(path: str | pathlib.Path) -> tuple[BertConfig, Params]:
   except json.JSONDecodeError as e:
     raise ConversionError(f"{config_file}: not valid JSON ({e})") from None
   config = config_from_hf(hf, str(config_file))
-  return config, params_from_hf(config, _read_weights(path), str(path))
+  return config, params_from_hf(config, _read_weights(path), str(path), encoder_only)
 
 
 # ----------------------------------------------------------------------------- writing HF

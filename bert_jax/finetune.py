@@ -39,7 +39,8 @@ class FinetuneError(ConfigError):
 def _is_hf_dir(path: epath.Path) -> bool:
   if not (path / "config.json").is_file() or (path / "params").is_dir():
     return False
-  return any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
+  from bert_jax.convert import WEIGHT_FILES
+  return any((path / n).is_file() for n in WEIGHT_FILES)
 
 
 def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, epath.Path]:
@@ -56,7 +57,7 @@ def load_start(config: ml_collections.ConfigDict) -> tuple[BertConfig, Any, epat
     raise FinetuneError(f"init_from: {path} does not exist")
   if _is_hf_dir(path):
     from bert_jax.convert import load_hf
-    bert, params = load_hf(path)
+    bert, params = load_hf(path, encoder_only=True)
   else:
     bert, params = checkpoint.load_model(path)
   tok = tok or tokenizer.find_file(path)

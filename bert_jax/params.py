@@ -128,13 +128,13 @@ def _fresh(config: BertConfig, group: tuple[str, ...], seed: int = 0) -> dict:
   return {(*group, *path): np.asarray(v) for path, v in traverse_util.flatten_dict(tree).items()}
 
 
-def complete_params(config: BertConfig, params: Mapping[str, Any], source: str = "the params"
-                    ) -> Params:
+def complete_params(config: BertConfig, params: Mapping[str, Any], source: str = "the params",
+                    groups: Sequence[tuple[str, ...]] = tuple(OPTIONAL_GROUPS)) -> Params:
   """The full BertForPreTraining tree from `params` (full, {"bert": ...} or a bare encoder, in
-  either layout, which it keeps): the heads and pooler it lacks are initialised fresh, with a
-  warning naming them."""
+  either layout, which it keeps): the heads and pooler it lacks (of `groups`) are initialised
+  fresh, with a warning naming them."""
   flat = traverse_util.flatten_dict(params if "bert" in params else {"bert": params})
-  absent = [g for g in OPTIONAL_GROUPS if not any(p[:len(g)] == g for p in flat)]
+  absent = [g for g in groups if not any(p[:len(g)] == g for p in flat)]
   if absent:
     log.warning("%s has no weights for the %s: initialised fresh", source,
                 ", ".join(OPTIONAL_GROUPS[g] for g in absent))

@@ -237,6 +237,79 @@ def test_pytorch_bin_with_old_names(hf_dir, loaded, tmp_path):
   _assert_same_tree(convert.load_hf(old)[1], loaded[1])
 
 
+def test_the_decoder_bias_is_the_one_transformers_adds(hf_dir, reference, tmp_path):
+  """A save whose decoder bias differs from cls.predictions.bias: transformers' forward adds the
+  decoder's, so the conversion keeps that one."""
+  _, transformers = _hf()
+  tensors = _tensors(hf_dir)
+  bias = tensors["cls.predictions.bias"]
+  tensors["cls.predictions.decoder.bias"] = bias + np.linspace(-1, 1, bias.size, dtype=bias.dtype)
+  d = _hf_copy(hf_dir, tmp_path / "bias", tensors)
+  want = _reference(transformers.BertForPreTraining.from_pretrained(d).eval())
+  assert np.abs(want["mlm_logits"] - reference["mlm_logits"]).max() > 0.1  # it does matter
+  _assert_close(_ours(*convert.load_hf(d)), want)
+
+
+def test_an_untied_decoder_is_refused_but_fine_tuning_takes_the_encoder(hf_dir, reference,
+                                                                        tmp_path):
+  tensors = _tensors(hf_dir)
+  embedding = tensors["bert.embeddings.word_embeddings.weight"]
+  tensors["cls.predictions.decoder.weight"] = embedding + 0.5
+  d = _hf_copy(hf_dir, tmp_path / "untied", tensors, {"tie_word_embeddings": False})
+  with pytest.raises(convert.ConversionError, match="untied masked-LM decoder"):
+    convert.load_hf(d)
+  config, params = convert.load_hf(d, encoder_only=True)
+  assert set(params) == {"bert"}
+  out = BertModel(config).apply({"params": params["bert"]}, *_batch())
+  _assert_close({k: np.asarray(out[k]) for k in ("sequence_output", "pooled_output")},
+                {k: reference[k] for k in ("sequence_output", "pooled_output")})
+
+
+@pytest.mark.parametrize("task", ["BertForSequenceClassification", "BertForQuestionAnswering"])
+def test_a_task_model_converts_without_its_head(hf_dir, reference, tmp_path, caplog, task):
+  """A fine-tuned save (classifier.* or qa_outputs.*): the encoder converts, the task head is
+  named in a warning and left out (our fine-tuning starts its head fresh)."""
+  _, transformers = _hf()
+  getattr(transformers, task).from_pretrained(hf_dir).save_pretrained(tmp_path / "task")
+  with caplog.at_level(logging.WARNING, logger="bert_jax.convert"):
+    config, params = convert.load_hf(tmp_path / "task")
+  head = "classifier" if "Classification" in task else "qa_outputs"
+  assert f"not converting the task head {head}.bias, {head}.weight" in caplog.text
+  compared = ("sequence_output", "pooled_output") if head == "classifier" else (
+      "sequence_output",)  # BertForQuestionAnswering has no pooler
+  out = _ours(config, params)
+  _assert_close({k: out[k] for k in compared}, {k: reference[k] for k in compared})
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_weights_load_and_fine_tuning_starts_from_them(hf_dir, loaded, tmp_path, fmt):
+  from bert_jax import finetune
+  from configs import classify
+  _, transformers = _hf()
+  d = tmp_path / "sharded"
+  transformers.BertForPreTraining.from_pretrained(hf_dir).save_pretrained(
+      d, max_shard_size="20KB", safe_serialization=fmt == "safetensors")
+  if fmt == "bin":  # transformers v5 writes safetensors only: the older layout, made by hand
+    import torch
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    bin_name = lambda shard: shard.replace(".safetensors", ".bin").replace("model", "pytorch_model")
+    for shard in set(index["weight_map"].values()):
+      tensors = {k: torch.tensor(v) for k, v in convert._read_safetensors([d / shard]).items()}
+      torch.save(tensors, d / bin_name(shard))
+      (d / shard).unlink()
+    index["weight_map"] = {k: bin_name(v) for k, v in index["weight_map"].items()}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (d / "model.safetensors.index.json").unlink()
+  assert len(list(d.glob("*.index.json"))) == 1
+  _assert_same_tree(convert.load_hf(d)[1], loaded[1])
+  shutil.copy(hf_dir / "vocab.txt", d)
+  config = classify.get_config("tiny")
+  config.init_from = str(d)
+  bert, params, tok = finetune.load_start(config)
+  _assert_same_tree(params, loaded[1]["bert"])
+  assert tok == d / "vocab.txt"
+
+
 def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   (tmp_path / "config.json").write_text(json.dumps(HF_TINY))
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
@@ -284,6 +357,8 @@ def test_bad_keys_are_named(hf_dir, tmp_path, edit, message):
     ({"hidden_act": "relu"}, "hidden_act is 'relu'"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type is 'relative_key'"),
     ({"model_type": "roberta"}, "model_type is 'roberta'"),
+    ({"is_decoder": True}, "is_decoder is true"),  # HF would run causal attention
+    ({"add_cross_attention": True}, "add_cross_attention is true"),
 ])
 def test_unsupported_configs_are_refused(hf_dir, tmp_path, changes, message):
   with pytest.raises(convert.ConversionError, match=message):
