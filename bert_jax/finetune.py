@@ -307,6 +307,11 @@ def _predict_file(run: Run, state: trainer.TrainState) -> None:
     log.info("wrote %s", run.workdir / name)
 
 
+def _improves(metric: str, new: float, best: float) -> bool:
+  from bert_jax.tasks import LOWER_IS_BETTER
+  return new < best if metric in LOWER_IS_BETTER else new > best
+
+
 def _end_of_epoch(run: Run, state, step: int, best: dict | None
                   ) -> tuple[dict | None, dict[str, float]]:
   """Evaluates, writes outputs of a new best, exports the best model to <workdir>/best.
@@ -321,7 +326,7 @@ def _end_of_epoch(run: Run, state, step: int, best: dict | None
   key = run.config.train.metric or run.task.default_metric
   if key not in results:
     raise FinetuneError(f"train.metric={key!r} is not among the results {sorted(results)}")
-  if best is None or results[key] > best[key]:
+  if best is None or _improves(key, results[key], best[key]):
     best = {**results, "step": step}
     _write_json(run.workdir / "eval_results.json", best)
     for name, obj in files.items():

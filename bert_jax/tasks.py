@@ -7,7 +7,8 @@ A task gives:
     input_mask, deterministic)) and the loss as sums over rows / counts of the global batch
   evaluate(outputs) -> (results {name: float}, files {file name: JSON object})
   predict_features() / predictions(outputs) for an optional unlabelled file
-  default_metric: the result that picks the best checkpoint
+  default_metric: the result that picks the best checkpoint (the highest, or the lowest of the
+    LOWER_IS_BETTER ones)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bert_jax.heads import BertForQuestionAnswering, BertForSequenceClassificati
 
 log = logging.getLogger(__name__)
 
+LOWER_IS_BETTER = frozenset({"mse"})  # results whose lowest value picks the best checkpoint
 MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids")
 MODEL_ARGS = ("input_ids", "segment_ids", "input_mask")  # the order the task models take them
 

@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.labels = ""  # comma-separated label set; "" = inferred from the training file
   c.data.regression = False  # float labels, one output, mean-squared error
   c.data.max_seq_length = 128  # tokens per example, [CLS] A [SEP] (B [SEP]) + padding
-  c.train.metric = ""  # picks the best checkpoint ("" = accuracy; pearson for regression)
+  # picks the best checkpoint: accuracy, f1, mcc; pearson, spearman or mse (the lowest wins) for
+  # regression ("" = accuracy; pearson for regression)
+  c.train.metric = ""
 
   if arg == "tiny":
     finetune_common.shrink(c)

@@ -149,6 +149,36 @@ def test_other_errors(tmp_path):
     cls.read_examples(_file(tmp_path, "g.tsv", "x\t1\n"), 0, label=2)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.tsv", "a\t1\nb\t\nc\t0\n", r"empty\.tsv:2: no label in column 1"),
+    ("null.jsonl", '{"t": "a", "l": 1}\n{"t": "b", "l": null}\n',
+     r"null\.jsonl:2: no label in column 'l'"),
+    ("nan.tsv", "a\t1.0\nb\tnan\n", r"nan\.tsv:2: regression label 'nan' is not a finite"),
+    ("header.tsv", "phrase\trating\na\t1.0\n",
+     r"header\.tsv:1: regression label 'rating' is not a number \(if this row is a header, set "
+     r"data\.header=1\)"),
+])
+def test_a_row_without_a_usable_label_is_an_error(tmp_path, name, text, message):
+  """A missing label would otherwise become a class "" (TSV) or train as class -1 (JSONL)."""
+  column = "l" if name.endswith("jsonl") else 1
+  with pytest.raises(DataError, match=message):
+    cls.read_examples(_file(tmp_path, name, text), "t" if column == "l" else 0, label=column,
+                      regression=name in ("nan.tsv", "header.tsv"))
+
+
+def test_an_unknown_header_is_warned_about(tmp_path, caplog):
+  text = "phrase\tsentiment\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(6))
+  caplog.set_level("WARNING")
+  examples, labels = cls.read_examples(_file(tmp_path, "h.tsv", text), 0, label=1)
+  assert labels == ["0", "1", "sentiment"] and len(examples) == 7  # read as data, as asked
+  assert "h.tsv:1: label 'sentiment' occurs on this first row only" in caplog.text
+  assert "data.header=1" in caplog.text
+  caplog.clear()
+  cls.read_examples(_file(tmp_path, "h.tsv", text), 0, label=1, header=True)
+  cls.read_examples(_file(tmp_path, "k.tsv", "sentence\tlabel\n" + text[18:]), 0, label=1)
+  assert not caplog.text
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

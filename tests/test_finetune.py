@@ -92,9 +92,20 @@ def test_regression_and_pairs(model_dir, tmp_path):
   train = _tsv(tmp_path / "sts.tsv", rows * 3, header="s1\ts2\tscore")
   config = _classify_config(model_dir, tmp_path, **{
       "data.train_file": str(train), "data.eval_file": str(train), "data.text_a": "s1",
-      "data.text_b": "s2", "data.label": "score", "data.regression": True})
+      "data.text_b": "s2", "data.label": "score", "data.regression": True,
+      "train.metric": "mse", "train.epochs": 3, "train.max_steps": 0})
   best = finetune.main(config, tmp_path / "run")
   assert set(best) >= {"pearson", "spearman", "mse"}
+  evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+           if r["split"] == "eval"]
+  assert len(evals) == 3
+  assert best["mse"] == min(r["mse"] for r in evals)  # the lowest error is the best model
+
+
+def test_the_best_model_has_the_highest_score_or_the_lowest_error():
+  from bert_jax import finetune
+  assert finetune._improves("pearson", 0.5, 0.4) and not finetune._improves("pearson", 0.4, 0.5)
+  assert finetune._improves("mse", 0.4, 0.5) and not finetune._improves("mse", 0.5, 0.4)
 
 
 def _squad_json(path, version="1.1", impossible=False):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -24,6 +25,8 @@ import numpy as np
 from bert_jax import files
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import iter_lines
+
+log = logging.getLogger(__name__)
 
 Column = str | int
 FORMATS = ("tsv", "csv", "jsonl")
@@ -147,15 +150,33 @@ def _label_key(labels: Sequence[str]):
   return lambda x: x
 
 
-def _parse_label(value: Any, regression: bool, where: str) -> str | float | None:
-  if value is None:
-    return None
+def _parse_label(value: Any, column: Column, regression: bool, where: str, first: bool
+                 ) -> str | float:
+  """The label of a row of a labelled file: every row needs one (a training example without a
+  label would train on class -1; a regression label must be a finite number)."""
+  if value is None or not str(value).strip():
+    raise DataError(f"{where}: no label in column {column!r} (every row of a labelled file "
+                    "needs one)")
   if not regression:
     return str(value).strip()
   try:
-    return float(value)
+    number = float(value)
   except (TypeError, ValueError):
-    raise DataError(f"{where}: regression label {value!r} is not a number") from None
+    hint = " (if this row is a header, set data.header=1)" if first else ""
+    raise DataError(f"{where}: regression label {value!r} is not a number{hint}") from None
+  if not np.isfinite(number):
+    raise DataError(f"{where}: regression label {value!r} is not a finite number")
+  return number
+
+
+def _warn_if_header(examples: list[Example], path: pathlib.Path) -> None:
+  """A first row whose label occurs nowhere else in the file is likely a header whose column
+  names HEADER_NAMES does not know; it was read as an example."""
+  first = examples[0]
+  if len(examples) > 2 and all(ex.label != first.label for ex in examples[1:]):
+    log.warning("%s:%d: label %r occurs on this first row only: if the row is a header, set "
+                "data.header=1 (headers are detected by known column names only)", path,
+                first.line, first.label)
 
 
 def read_examples(path: str | pathlib.Path, text_a: Column = 0, text_b: Column | None = None,
@@ -185,10 +206,13 @@ def read_examples(path: str | pathlib.Path, text_a: Column = 0, text_b: Column |
       raise DataError(f"{where}: no text in column {text_a!r}")
     guid = str(r["id"]) if r["id"] is not None else f"{path.name}:{line}"
     b = None if text_b in (None, "") else str(r["b"] or "")
-    examples.append(Example(guid, str(r["a"]), b, _parse_label(r["label"], regression, where),
-                            line))
+    y = None if label in (None, "") else _parse_label(r["label"], label, regression, where,
+                                                      not examples)
+    examples.append(Example(guid, str(r["a"]), b, y, line))
   if not examples:
     raise DataError(f"{path}: no examples")
+  if fmt != "jsonl" and header in (None, -1) and label not in (None, "") and not regression:
+    _warn_if_header(examples, path)
   return examples, _label_list(examples, labels, regression, path)
 
 
