@@ -498,8 +498,8 @@ def _write_model(directory: epath.Path, config: BertConfig, params: Any,
     ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
     (tmp / CHECKSUMS).write_text(json.dumps(checksums(params), indent=0))
     if tokenizer_path is not None:
-      tok = files.path(tokenizer_path)
-      (tmp / tok.name).write_bytes(tok.read_bytes())
+      from bert_jax import tokenizer  # the file, and a vocab.txt's tokenizer_config.json
+      tokenizer.copy_tokenizer(tokenizer_path, tmp / files.path(tokenizer_path).name)
 
 
 def save_model(directory: files.PathLike, config: BertConfig, params: Any,

@@ -1,8 +1,9 @@
 """Our tokenizers as Hugging Face tokenizer files, for the directories `convert to-hf` writes:
 `transformers.AutoTokenizer.from_pretrained(dir)` then gives the ids ours gives.
 
-- WordPiece (`vocab.txt`): the vocabulary and a tokenizer_config.json with its casing, for
-  BertTokenizerFast (whose own default, lower-casing, would be wrong for a cased vocabulary).
+- WordPiece (`vocab.txt`): the vocabulary and a tokenizer_config.json with its casing
+  (do_lower_case, strip_accents), for BertTokenizerFast (whose own default, lower-casing, would be
+  wrong for a cased vocabulary).
 - SentencePiece BPE (`tokenizer.model`): a `tokenizer.json` for the `tokenizers` library built
   from the model itself. Ours splits CJK characters and punctuation out before SentencePiece
   runs, and drops the lone "▁" SentencePiece puts before such a character (or an unknown one)
@@ -49,10 +50,11 @@ def _config(tokenizer_class: str, max_length: int, **extra: Any) -> dict[str, An
 
 
 def wordpiece_files(tok: tok_lib.WordPieceTokenizer, max_length: int) -> dict[str, str]:
-  """tokenizer_config.json for a vocab.txt (copied beside it by the caller)."""
-  return {"tokenizer_config.json": json.dumps(_config(
+  """tokenizer_config.json for a vocab.txt (copied beside it by the caller), in place of the one
+  read beside the source: it states the casing ours settled on (given, read or inferred)."""
+  return {tok_lib.WORDPIECE_CONFIG: json.dumps(_config(
       "BertTokenizer", max_length, do_lower_case=tok.lowercase, tokenize_chinese_chars=True,
-      strip_accents=None), indent=2) + "\n"}
+      strip_accents=tok.strip_accents), indent=2) + "\n"}
 
 
 def _model_proto(path):

@@ -60,8 +60,9 @@ def _input_files(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _copy_tokenizer(src: epath.Path, dst: epath.Path) -> None:
+  from bert_jax import tokenizer
   if not dst.exists():
-    files.copy(src, dst)
+    tokenizer.copy_tokenizer(src, dst)  # with a vocab.txt's tokenizer_config.json (its casing)
 
 
 def _train_tokenizer(config: ml_collections.ConfigDict, dst: epath.Path) -> None:

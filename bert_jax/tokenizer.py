@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -43,7 +44,14 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # The names a model directory (ours or Hugging Face's) keeps its tokenizer under, preferred first.
 TOKENIZER_FILES = ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.model")
+# Beside a WordPiece vocabulary: its casing (do_lower_case, strip_accents), as in Hugging Face's.
+WORDPIECE_CONFIG = "tokenizer_config.json"
 SPACE_PIECE = "\u2581"
+# Unicode White_Space, what the `tokenizers` library strips from the end of a vocabulary line
+# (Rust's trim_end: not Python's str.strip, which also strips \x1c-\x1f).
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007" \
+              "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # CJK Unified Ideographs and their extensions and compatibility blocks: the ranges the original
 # BERT tokenizer treats as Chinese characters (each one a token).
@@ -53,6 +61,17 @@ CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 
 
 class TokenizerError(BertJaxError, ValueError):
   """A tokenizer file that cannot be used: the message names the file and what is wrong."""
+
+
+def check_text(text: str) -> str:
+  """`text` itself; a TokenizerError if it holds a lone surrogate (half of a UTF-16 pair, which
+  json.loads accepts from an escape like \\ud83d): no character, so no tokenizer can read it."""
+  if not text.isascii() and (m := _SURROGATE.search(text)):
+    at = m.start()
+    raise TokenizerError(f"text with a lone surrogate U+{ord(m.group()):04X} at character {at} "
+                         f"({text[max(0, at - 40):at + 40]!r}): half of a UTF-16 pair, not a "
+                         "character (a JSON escape without its other half?); remove it")
+  return text
 
 
 def is_cjk(ch: str) -> bool:
@@ -202,14 +221,14 @@ class SentencePieceTokenizer(Tokenizer):
     return ids[self._kept(ids)] if ids.size else ids
 
   def encode(self, text: str) -> list[int]:
-    return self._drop(np.asarray(self.sp.encode(presplit(text)), np.int64)).tolist()
+    return self._drop(np.asarray(self.sp.encode(presplit(check_text(text))), np.int64)).tolist()
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    out = self.sp.encode([presplit(t) for t in texts], num_threads=1)
+    out = self.sp.encode([presplit(check_text(t)) for t in texts], num_threads=1)
     return [self._drop(np.asarray(ids, np.int64)).tolist() for ids in out]
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    split = presplit(text)
+    split = presplit(check_text(text))
     # Character of `split` -> character of `text` (inserted spaces map to -1).
     origin = np.full(len(split) + 1, -1, np.int64)
     j = 0
@@ -251,35 +270,59 @@ class SentencePieceTokenizer(Tokenizer):
 
 class WordPieceTokenizer(Tokenizer):
   """A BERT vocab.txt, run by the `tokenizers` library's BERT pipeline (clean text, CJK and
-  punctuation split, optional lower-casing with accent stripping, greedy WordPiece)."""
+  punctuation split, optional lower-casing and accent stripping, greedy WordPiece).
+
+  Lines are read as that library (so BertTokenizerFast) reads them: trailing white space removed
+  (a line of U+2028 alone, as in Google's Chinese vocab, is the token ""), and a token listed
+  twice takes the id of its last line; vocab_size counts the lines, so every id has a row.
+  Casing: `lowercase`, else do_lower_case from the tokenizer_config.json beside the vocab, else
+  inferred (no upper-case token but bracketed ones like [unused1], <S>); strip_accents from that
+  file (None: follow lower-casing).
+  """
 
   kind = "wordpiece"
 
-  def __init__(self, path: str | pathlib.Path, lowercase: bool | None = None):
+  def __init__(self, path: str | pathlib.Path, lowercase: bool | None = None,
+               settings: dict[str, bool | None] | None = None):
+    """settings: read_settings(original path) where `path` is a local copy of a URL."""
     from tokenizers import BertWordPieceTokenizer
     self.path = pathlib.Path(path)
-    vocab = _read_vocab(self.path)
-    self._set_special_ids(vocab.get)
-    self.lowercase = _infer_lowercase(self.path, vocab) if lowercase is None else lowercase
-    self.tok = BertWordPieceTokenizer(str(self.path), lowercase=self.lowercase,
-                                      strip_accents=None, clean_text=True,
+    self._tokens = _read_vocab(self.path)
+    self.vocab = {t: i for i, t in enumerate(self._tokens)}  # a repeated token: its last line
+    _warn_repeats(self.path, self._tokens, self.vocab)
+    self._set_special_ids(self.vocab.get)
+    settings = read_settings(self.path) if settings is None else settings
+    lowercase = settings["do_lower_case"] if lowercase is None else lowercase
+    self.lowercase = _infer_lowercase(self.vocab) if lowercase is None else lowercase
+    self.strip_accents = settings["strip_accents"]
+    self.tok = BertWordPieceTokenizer(self.vocab, lowercase=self.lowercase,
+                                      strip_accents=self.strip_accents, clean_text=True,
                                       handle_chinese_chars=True)
-    self.vocab = vocab
-    self.vocab_size = len(vocab)
-    self._inverse = {i: t for t, i in vocab.items()}
+    self.vocab_size = len(self._tokens)
 
   def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False).ids
+    return self.tok.encode(check_text(text), add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+    return [e.ids for e in self.tok.encode_batch([check_text(t) for t in texts],
+                                                 add_special_tokens=False)]
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    e = self.tok.encode(text, add_special_tokens=False)
+    e = self.tok.encode(check_text(text), add_special_tokens=False)
     return e.ids, [tuple(o) for o in e.offsets]
 
   def id_to_token(self, i: int) -> str:
-    return self._inverse[int(i)]
+    return self._tokens[int(i)]
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """The vocab file's sha256, with the casing when it is not what the vocab alone implies
+    (data made lower-cased is refused by the same vocab run cased, and the other way round)."""
+    base = file_fingerprint(self.path)
+    if (self.lowercase, self.strip_accents) == (_infer_lowercase(self.vocab), None):
+      return base
+    casing = f"lowercase={self.lowercase} strip_accents={self.strip_accents}"
+    return hashlib.sha256(f"{base} {casing}".encode()).hexdigest()
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -288,27 +331,63 @@ class WordPieceTokenizer(Tokenizer):
     return not token.startswith("##")
 
 
-def _read_vocab(path: pathlib.Path) -> dict[str, int]:
-  vocab: dict[str, int] = {}
-  for n, line in iter_lines(path):
-    token = line.strip()
-    if not token:
-      raise TokenizerError(f"{path}:{n}: empty line in a WordPiece vocabulary")
-    vocab.setdefault(token, n - 1)
-  if not vocab:
+def _read_vocab(path: pathlib.Path) -> list[str]:
+  """The token of each line (its id: the line number - 1), trailing white space removed."""
+  tokens = [line.rstrip(WHITE_SPACE) for _, line in iter_lines(path)]
+  if not tokens:
     raise TokenizerError(f"{path}: empty vocabulary")
-  return vocab
+  return tokens
 
 
-def _infer_lowercase(path: pathlib.Path, vocab: dict[str, int]) -> bool:
-  """do_lower_case from a tokenizer_config.json beside the vocab, else: no upper-case tokens."""
-  import json
-  cfg = path.parent / "tokenizer_config.json"
-  if cfg.is_file():
-    value = json.loads(cfg.read_text()).get("do_lower_case")
-    if value is not None:
-      return bool(value)
-  return not any(t.lower() != t for t in vocab if not (t.startswith("[") and t.endswith("]")))
+def _warn_repeats(path: pathlib.Path, tokens: list[str], vocab: dict[str, int]) -> None:
+  if len(vocab) < len(tokens):
+    n, token = next((n, t) for n, t in enumerate(tokens, 1) if vocab[t] != n - 1)
+    log.warning("%s:%d: %r is listed again on line %d (%d lines repeat an earlier one): a token "
+                "takes the id of its last line, as in Hugging Face's tokenizers", path, n, token,
+                vocab[token] + 1, len(tokens) - len(vocab))
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, bool | None]:
+  """do_lower_case and strip_accents (None: not stated) from the tokenizer_config.json beside the
+  vocabulary `path` (a URL too), as BertTokenizerFast.from_pretrained takes them from it."""
+  cfg = files.path(path).parent / WORDPIECE_CONFIG
+  settings = dict.fromkeys(("do_lower_case", "strip_accents"))
+  if not cfg.is_file():
+    return settings
+  try:
+    stated = json.loads(cfg.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise TokenizerError(f"{cfg}: not valid JSON ({e})") from None
+  if not isinstance(stated, dict):
+    raise TokenizerError(f"{cfg}: expected a JSON object, not {type(stated).__name__}")
+  for key in settings:
+    value = stated.get(key)
+    if value is not None and not isinstance(value, bool):
+      raise TokenizerError(f"{cfg}: {key}={value!r}: expected true, false or null")
+    settings[key] = value
+  return settings
+
+
+def _bracketed(token: str) -> bool:
+  return len(token) > 2 and (token[0], token[-1]) in (("[", "]"), ("<", ">"))
+
+
+def _infer_lowercase(vocab: Iterable[str]) -> bool:
+  """Uncased when no token has an upper-case letter, bracketed ones ([CLS], [unused1], and the
+  <S> <T> of Google's Chinese vocab) aside."""
+  return not any(t.lower() != t for t in vocab if not _bracketed(t))
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> epath.Path:
+  """Copies the tokenizer file `src` to `dst` (either may be a URL) with what settles how it
+  tokenizes: for a WordPiece vocabulary, the tokenizer_config.json beside it, if any, goes beside
+  `dst` (first: the tokenizer file marks a finished copy). A SentencePiece model holds its own
+  settings. Returns `dst`."""
+  src, dst = files.path(src), files.path(dst)
+  if src.suffix == ".txt" and (src.parent / WORDPIECE_CONFIG).is_file():
+    files.copy(src.parent / WORDPIECE_CONFIG, dst.parent / WORDPIECE_CONFIG)
+  files.copy(src, dst)
+  return dst
 
 
 def find_file(directory: str | os.PathLike) -> epath.Path | None:
@@ -328,9 +407,9 @@ def find_file(directory: str | os.PathLike) -> epath.Path | None:
 
 
 def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
-  """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt); for a
-  directory, the tokenizer file inside it (see find_file). A URL (gs://...) is read through a
-  local copy."""
+  """A SentencePiece model (*.model) or a WordPiece vocabulary (vocab.txt or any *.txt, with the
+  tokenizer_config.json beside it: see WordPieceTokenizer); for a directory, the tokenizer file
+  inside it (see find_file). A URL (gs://...) is read through a local copy."""
   path = files.path(path)
   if path.is_dir():
     found = find_file(path)
@@ -339,10 +418,9 @@ def load(path: str | pathlib.Path, lowercase: bool | None = None) -> Tokenizer:
     return load(found, lowercase)
   if not path.is_file():
     raise TokenizerError(f"{path}: no such tokenizer file")
-  path = pathlib.Path(files.local(path))
   if path.suffix == ".txt":
-    return WordPieceTokenizer(path, lowercase)
-  return SentencePieceTokenizer(path)
+    return WordPieceTokenizer(pathlib.Path(files.local(path)), lowercase, read_settings(path))
+  return SentencePieceTokenizer(pathlib.Path(files.local(path)))
 
 
 # ----------------------------------------------------------------------------- training

@@ -106,9 +106,10 @@ TOKENIZER_CASES = {
     "a tokenizer that is not one": (lambda i, t: ["encode", "--tokenizer",
                                                   f"{i['dir']}/not_a_tokenizer.model"],
                                     ["not_a_tokenizer.model", "not a SentencePiece model"]),
-    "vocab.txt with a blank line": (
-        lambda i, t: ["encode", "--tokenizer", _write(t, "vocab.txt", "[PAD]\n\n[UNK]\n")],
-        ["vocab.txt:2", "empty line"]),
+    "tokenizer_config.json that is not JSON": (
+        lambda i, t: ["encode", "--tokenizer", (_write(t, "tokenizer_config.json", "{oops"),
+                      _write(t, "vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n"))[1]],
+        ["tokenizer_config.json", "not valid JSON"]),
     "vocab.txt without [MASK]": (
         lambda i, t: ["encode", "--tokenizer", _write(t, "vocab.txt", "[PAD]\n[UNK]\n[CLS]\n")],
         ["vocab.txt", "no [SEP], [MASK] token"]),

@@ -87,6 +87,17 @@ def test_answer_outside_context(tmp_path):
     squad.read_squad(_write(tmp_path, _squad([_q("a", "cat", 4), _q("b", "door", 40)])))
 
 
+def test_a_lone_surrogate_names_the_question(tmp_path):
+  """json.loads accepts "\\ud83d" (half of a UTF-16 pair): the tokenizer's refusal names the
+  question it came from."""
+  from bert_jax import tokenizer
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"]) + "\n")
+  path = _write(tmp_path, json.dumps(_squad([_q("a", "cat", 4)], context="the cat \ud83d")))
+  with pytest.raises(DataError, match=r"question 'a': text with a lone surrogate U\+D83D"):
+    squad.convert_examples(squad.read_squad(path), tokenizer.load(vocab), 32, 8, 8, True)
+
+
 def test_not_a_squad_file(tmp_path):
   with pytest.raises(DataError, match="expected an object with a 'data' list"):
     squad.read_squad(_write(tmp_path, [1, 2]))

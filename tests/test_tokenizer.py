@@ -184,3 +184,141 @@ def test_train_command_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stderr.strip().endswith("none.txt: no such file")
   assert pathlib.Path(tmp_path / "x.model").exists() is False
+
+
+# ----------------------------------------------------------------------------- WordPiece files
+
+WORDS = ["el", "año", "ano", "pasado", "cafe", "café", "kobe", "bryant", "nba", ",", "a", "b",
+         "##s", "##é", "北", "京"]
+
+
+def _vocab_dir(d: pathlib.Path, lines, config: str | None = None) -> pathlib.Path:
+  """A directory with a vocab.txt of `lines` (after the special tokens) and, given its text, a
+  tokenizer_config.json."""
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "vocab.txt").write_bytes(("\n".join([*tokenizer.SPECIAL_TOKENS, *lines]) + "\n")
+                                .encode("utf-8"))
+  if config is not None:
+    (d / "tokenizer_config.json").write_text(config)
+  return d
+
+
+def _bert_fast(d: pathlib.Path, **kwargs):
+  transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+  return transformers.BertTokenizerFast.from_pretrained(str(d), **kwargs)
+
+
+def test_vocab_lines_are_read_as_bert_tokenizer_fast_reads_them(tmp_path):
+  # Google's Chinese vocab (bert-base-chinese) has a line that is U+2028 alone (line 344) and one
+  # "##" + U+2028: the `tokenizers` library (so BertTokenizerFast) and Google's load_vocab both
+  # strip trailing white space, giving the tokens "" and "##". Leading spaces stay; \x1f is not
+  # Unicode white space. Every line keeps its line number as id.
+  lines = [*WORDS, "\u2028", "##\u2028", " c", "d  ", "x\u00a0", "y\x1f", "crlf\r", "", "g\u3000"]
+  d = _vocab_dir(tmp_path, lines)
+  ours, ref = tokenizer.load(d / "vocab.txt", lowercase=True), _bert_fast(d, do_lower_case=True)
+  assert ours.vocab == ref.get_vocab()
+  assert ours.vocab_size == len(tokenizer.SPECIAL_TOKENS) + len(lines)
+  assert ours.id_to_token(ours.vocab["##"]) == "##"
+  for text in ["d x y crlf g", "Kobe Bryant, 北京", " c d"]:
+    assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_a_token_listed_twice_takes_the_id_of_its_last_line(tmp_path, caplog):
+  # As in the `tokenizers` library; vocab_size is the number of lines, so every id has a row.
+  d = _vocab_dir(tmp_path, [*WORDS, "kobe", "a"])
+  ours, ref = tokenizer.load(d / "vocab.txt"), _bert_fast(d, do_lower_case=True)
+  ids = ours.encode("a Kobe b")
+  assert ids == ref("a Kobe b", add_special_tokens=False)["input_ids"]
+  assert ids[:2] == [len(tokenizer.SPECIAL_TOKENS) + len(WORDS) + 1,
+                     len(tokenizer.SPECIAL_TOKENS) + len(WORDS)]
+  assert ours.vocab_size == len(tokenizer.SPECIAL_TOKENS) + len(WORDS) + 2 > max(ids)
+  assert ours.tokens(ids) == ["a", "kobe", "b"] and len(ours.word_starts) == ours.vocab_size
+  assert "vocab.txt:12: 'kobe' is listed again" in caplog.text
+
+
+def test_casing_inference_skips_bracketed_tokens(tmp_path):
+  # Google's Chinese vocab holds <S> and <T>: it is uncased, so "Kobe" is "kobe", not [UNK].
+  d = _vocab_dir(tmp_path, ["[unused1]", "<S>", "<T>", *WORDS])
+  ours = tokenizer.load(d / "vocab.txt")
+  assert ours.lowercase is True
+  assert ours.tokens(ours.encode("NBA Kobe")) == ["nba", "kobe"]
+  _vocab_dir(tmp_path, ["<S>", "Kobe", *WORDS])
+  assert tokenizer.load(d / "vocab.txt").lowercase is False
+
+
+@pytest.mark.parametrize("config", [
+    '{"do_lower_case": true, "strip_accents": false}',
+    '{"do_lower_case": false, "strip_accents": true}',
+    '{"do_lower_case": true, "strip_accents": null}', '{"do_lower_case": true}'])
+def test_tokenizer_config_settles_casing_and_accents(tmp_path, config):
+  d = _vocab_dir(tmp_path, WORDS + ["El", "Café"], config)
+  ours, ref = tokenizer.load(d / "vocab.txt"), _bert_fast(d)
+  text = "El año pasado, Café"
+  assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+  if '"strip_accents": false' in config:
+    assert ours.tokens(ours.encode(text)) == ["el", "año", "pasado", ",", "café"]
+
+
+def test_the_fingerprint_tells_the_casings_of_one_vocab_apart(tmp_path):
+  """Pretraining data made with a vocab run lower-cased is refused when the same vocab runs
+  cased; without a stated casing (the vocab alone decides) the fingerprint is the file's hash,
+  as before, so data made earlier stays valid."""
+  d = _vocab_dir(tmp_path, WORDS)
+  plain = tokenizer.load(d / "vocab.txt")
+  assert plain.fingerprint == tokenizer.file_fingerprint(d / "vocab.txt")
+  prints = {plain.fingerprint}
+  for config in ('{"do_lower_case": false}', '{"do_lower_case": true, "strip_accents": false}'):
+    (d / "tokenizer_config.json").write_text(config)
+    prints.add(tokenizer.load(d / "vocab.txt").fingerprint)
+  (d / "tokenizer_config.json").write_text('{"do_lower_case": true}')  # what it infers anyway
+  assert tokenizer.load(d / "vocab.txt").fingerprint == plain.fingerprint
+  assert len(prints) == 3
+
+
+def test_bad_tokenizer_config(tmp_path):
+  d = _vocab_dir(tmp_path, WORDS, '{"do_lower_case": "yes"}')
+  with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer_config.json: do_lower_case="
+                     r"'yes': expected true, false or null"):
+    tokenizer.load(d / "vocab.txt")
+  (d / "tokenizer_config.json").write_text("{not json")
+  with pytest.raises(tokenizer.TokenizerError, match="tokenizer_config.json: not valid JSON"):
+    tokenizer.load(d / "vocab.txt")
+
+
+def test_copies_of_a_vocab_keep_its_tokenizer_config(tmp_path, sp_tok):
+  import ml_collections
+  import numpy as np
+
+  from bert_jax import checkpoint, files, hf_tokenizer, pretrain
+  from bert_jax.config import get_variant
+  src = _vocab_dir(tmp_path / "src", WORDS + ["Café"],
+                   '{"do_lower_case": true, "strip_accents": false}') / "vocab.txt"
+  text = "El año pasado, Café"
+  want = tokenizer.load(src).encode(text)
+  config = ml_collections.ConfigDict({"data": {"tokenizer": str(src)}})
+  copies = [tokenizer.copy_tokenizer(src, tmp_path / "copy" / "vocab.txt"),
+            pretrain.prepare_tokenizer(config, files.path(tmp_path / "workdir")),
+            checkpoint.save_model(tmp_path / "model", get_variant("tiny", vocab_size=99),
+                                  {"w": np.zeros(3, np.float32)}, src) / "vocab.txt"]
+  for copy in copies:
+    assert tokenizer.load(copy).encode(text) == want, copy
+  # to-hf writes a tokenizer_config.json of its own, stating the same casing and accents.
+  hf_config = hf_tokenizer.files_for(src, 512)["tokenizer_config.json"]
+  (tmp_path / "copy" / "tokenizer_config.json").write_text(hf_config)
+  assert tokenizer.load(tmp_path / "copy" / "vocab.txt").encode(text) == want
+  assert _bert_fast(tmp_path / "copy")(text, add_special_tokens=False)["input_ids"] == want
+  # A SentencePiece model carries its settings itself: nothing is copied beside it.
+  sp_copy = tokenizer.copy_tokenizer(sp_tok.path, tmp_path / "sp" / "tokenizer.model")
+  assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["tokenizer.model"]
+  assert tokenizer.load(sp_copy).encode(text) == sp_tok.encode(text)
+
+
+def test_a_lone_surrogate_is_refused_with_its_place(tmp_path, sp_tok):
+  # json.loads accepts "\ud83d" (half of a UTF-16 pair) in a SQuAD context; it is no character.
+  wp = tokenizer.load(_vocab_dir(tmp_path, WORDS) / "vocab.txt")
+  text = "Fans wrote \ud83d in 1999."
+  for tok in (wp, sp_tok):
+    for method in ("encode", "encode_with_offsets", "encode_batch"):
+      with pytest.raises(tokenizer.TokenizerError, match=r"lone surrogate U\+D83D at character "
+                         r"11 \('Fans wrote \\ud83d in 1999.'\)"):
+        getattr(tok, method)(["ok", text] if method == "encode_batch" else text)

@@ -14,6 +14,7 @@ import numpy as np
 from bert_jax import files
 from bert_jax.data.errors import DataError
 from bert_jax.errors import ConfigError
+from bert_jax.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,10 @@ def convert_examples(examples: Sequence[SquadExample], tok: Tokenizer, max_seq_l
     if is_training and not ex.is_impossible and ex.answer is None:
       skipped += 1
       continue
-    enc = _encode(ex, tok, max_query_length, cache)
+    try:
+      enc = _encode(ex, tok, max_query_length, cache)
+    except TokenizerError as e:
+      raise DataError(f"question {ex.qas_id!r}: {e}") from None
     if is_training and not ex.is_impossible and enc.span is None:
       unmappable += 1
       continue
