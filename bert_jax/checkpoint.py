@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 Array = jax.Array
 CHECKSUMS = "checksums.json"  # beside params/ in a model export
+TASK_FILE = "task.json"  # beside params/ in a fine-tuned export: the task, its label names
 
 
 class CheckpointError(BertJaxError, ValueError):
@@ -487,9 +488,11 @@ def to_host(tree: Any) -> Any:
 
 
 def _write_model(directory: epath.Path, config: BertConfig, params: Any,
-                 tokenizer_path: files.PathLike | None) -> None:
+                 tokenizer_path: files.PathLike | None, task: Mapping[str, Any] | None) -> None:
   with files.replacing_dir(directory) as tmp:
     (tmp / "config.json").write_text(config.to_json())
+    if task is not None:
+      (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
     # Only this process writes: Orbax must not wait for the others at its barriers.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
@@ -503,11 +506,13 @@ def _write_model(directory: epath.Path, config: BertConfig, params: Any,
 
 
 def save_model(directory: files.PathLike, config: BertConfig, params: Any,
-               tokenizer_path: files.PathLike | None = None) -> epath.Path:
-  """Writes config.json + params/ (+ the tokenizer file) to `directory`, atomically on a local
-  disk: a failure leaves an existing directory untouched. Every process calls it; the params are
+               tokenizer_path: files.PathLike | None = None,
+               task: Mapping[str, Any] | None = None) -> epath.Path:
+  """Writes config.json + params/ (+ the tokenizer file, + task.json: what a fine-tuned model's
+  head outputs, e.g. its label names in order) to `directory`, atomically on a local disk: a
+  failure leaves an existing directory untouched. Every process calls it; the params are
   gathered to host memory and process 0 alone writes."""
   directory = files.path(directory)
   host = to_host(params)
-  files.on_process_0(_write_model, directory, config, host, tokenizer_path)
+  files.on_process_0(_write_model, directory, config, host, tokenizer_path, task)
   return directory

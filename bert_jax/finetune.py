@@ -185,6 +185,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   steps = steps_per_epoch * t.epochs
   if t.max_steps:
     steps = min(steps, t.max_steps)
+  if not 0 <= t.warmup_fraction <= 1:
+    raise FinetuneError(f"train.warmup_fraction={t.warmup_fraction!r}: expected 0 to 1 (the "
+                        "share of the updates spent warming up)")
   schedule = optim.learning_rate_schedule(t.learning_rate, int(t.warmup_fraction * steps), steps)
   tx = optim.make_optimizer("adamw", schedule, weight_decay=t.weight_decay,
                             max_grad_norm=t.max_grad_norm)
@@ -219,6 +222,12 @@ def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:
       mngr, trainer.abstract_state(run.objective, run.tx, run.mesh, seed))
   if restored is not None:
     step, state, meta = restored
+    trained = meta.get("task", {})
+    now = run.task.description
+    if any(trained.get(k, now[k]) != now[k] for k in now if k != "version_2"):
+      raise FinetuneError(f"{mngr.directory}/{step}: the checkpoint's head was trained for "
+                          f"{trained}, but this run's data gives {now}; use another workdir (or "
+                          "data.labels to restore the label order)")
     log.info("resuming from step %d", step)
     return state, meta
   state = trainer.jit_create_state(run.mesh, run.objective, run.tx, seed)
@@ -265,7 +274,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       should_evaluate=lambda step: step % run.steps_per_epoch == 0, evaluate=evaluate,
       should_checkpoint=lambda step: step % every == 0,
       save=lambda step, st: checkpoint.save(
-          mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict()}),
+          mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict(),
+                           "task": run.task.description}),
       set_aside=lambda step: checkpoint.set_aside_diverged(mngr, step),
       writer=writer, progress_bar=t.progress_bar,
       tokens_per_step=(run.packer.num_rows if run.packer else t.batch_size)
@@ -317,7 +327,8 @@ def _end_of_epoch(run: Run, state, step: int, best: dict | None
   """Evaluates, writes outputs of a new best, exports the best model to <workdir>/best.
   Returns (best so far, this evaluation's results)."""
   if not run.config.data.eval_file:
-    checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
+    checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path,
+                          run.task.description)
     return best, {}
   outputs = predict(state.params, run.task.eval_features(), run.config.train.eval_batch_size,
                     run.mesh, run.predict)
@@ -332,5 +343,6 @@ def _end_of_epoch(run: Run, state, step: int, best: dict | None
     for name, obj in files.items():
       _write_json(run.workdir / name, obj)
     faults.point("finetune.before_best_export")  # eval_results.json written, best/ not yet
-    checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path)
+    checkpoint.save_model(run.workdir / "best", run.bert, state.params, run.tokenizer_path,
+                          run.task.description)
   return best, results

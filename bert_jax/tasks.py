@@ -9,6 +9,8 @@ A task gives:
   predict_features() / predictions(outputs) for an optional unlabelled file
   default_metric: the result that picks the best checkpoint (the highest, or the lowest of the
     LOWER_IS_BETTER ones)
+  description: what the trained head outputs (written to a fine-tuned export's task.json and
+    kept in the checkpoints: a resume with other labels is refused)
 """
 
 from __future__ import annotations
@@ -173,6 +175,11 @@ class ClassificationTask(_Sets):
     log.info("classification: %d training examples, labels %s", len(self.train_examples),
              self.labels or "(regression)")
 
+  @property
+  def description(self) -> dict[str, Any]:
+    """The head's outputs: logit i is the label labels[i] (regression: one score)."""
+    return {"task": "classification", "regression": self.regression, "labels": self.labels}
+
   def _features(self, examples) -> dict[str, np.ndarray]:
     return classification.convert_examples(examples, self.tok, self.max_seq_length,
                                            self.labels, self.regression)
@@ -250,6 +257,11 @@ class SquadTask(_Sets):
     self._setup_packing(d)
     counts = squad.answer_counts(self.train_examples)
     log.info("squad: %d training questions (%s)", len(self.train_examples), counts)
+
+  @property
+  def description(self) -> dict[str, Any]:
+    """The head's outputs: start and end logits per token; v2.0 scores no-answer by [CLS]."""
+    return {"task": "squad", "version_2": self.version_2}
 
   def _convert(self, examples, is_training):
     d = self.data

@@ -373,6 +373,10 @@ FINETUNE_CASES = {
     "an unknown train.metric": (lambda t: {"train.metric": "acuracy", "train.max_steps": 1},
                                 ["train.metric='acuracy'"]),
     "eval_batch_size=0": (lambda t: {"train.eval_batch_size": 0}, ["train.eval_batch_size=0"]),
+    "warmup_fraction=10 (meant 10%)": (lambda t: {"train.warmup_fraction": 10.0},
+                                       ["train.warmup_fraction=10.0", "expected 0 to 1"]),
+    "a negative max_grad_norm": (lambda t: {"train.max_grad_norm": -1.0},
+                                 ["train.max_grad_norm=-1.0", "0 for no clipping"]),
     "a tokenizer that is not one": (
         lambda t: {"tokenizer": _write(t, "x.model", "not a model")},
         ["x.model", "not a SentencePiece model"]),

@@ -77,8 +77,17 @@ def test_classification_smoke_and_resume(model_dir, tmp_path):
              for p in preds)
   cfg, params = checkpoint.load_model(work / "best")
   assert cfg.hidden_size == 32 and params["classifier"]["dense"]["kernel"].shape == (32, 2)
-  # The same command with more steps resumes from step 2.
+  # The export says what its logits mean.
+  assert json.loads((work / "best" / "task.json").read_text()) == {
+      "task": "classification", "regression": False, "labels": ["0", "1"]}
+  # The same command with more steps resumes from step 2; with the labels in another order it
+  # would train the head's rows as the other classes: refused.
   config.train.max_steps, config.train.epochs = 4, 2
+  config.data.labels = "1,0"
+  with pytest.raises(finetune.FinetuneError, match=r"trained for .*'labels': \['0', '1'\].*"
+                     r"this run's data gives .*'labels': \['1', '0'\]"):
+    finetune.main(config, work)
+  config.data.labels = ""
   best = finetune.main(config, work)
   steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"]
