@@ -229,7 +229,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   tok = tokenizer.load(tok_path)
   data_dir = prepare_data(config, workdir, tok_path)
   manifest = pretraining.read_manifest(data_dir)
-  evaluates = _check_eval_split(data_dir, manifest, config.train.batch_size)
+  evaluates = _check_eval_split(data_dir, manifest)
   fingerprint = manifest.get("tokenizer_fingerprint")
   if fingerprint and fingerprint != tok.fingerprint:
     raise ConfigError(f"{data_dir} was made with another tokenizer (fingerprint "
@@ -247,18 +247,15 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   return Setup(bert, mesh, objective, tx, schedule, data_dir, manifest, tok_path, evaluates)
 
 
-def _check_eval_split(data_dir: epath.Path, manifest: dict, batch_size: int) -> bool:
-  """Whether the data can be evaluated on (decided before the first step: a missing split must
-  not fail the run after its last step, before the final save)."""
-  split = manifest["splits"].get("eval")
-  if split is None:
+def _check_eval_split(data_dir: epath.Path, manifest: dict) -> bool:
+  """Whether the data can be evaluated on, its shards opened and checked now: a missing or
+  damaged split must not fail the run at its first evaluation, before that step's save."""
+  from bert_jax.data.loader import Instances
+  if manifest["splits"].get("eval") is None:
     log.warning("%s has no eval split (data.eval_fraction=0, or a corpus of one document: "
                 "documents are separated by blank lines): training without evaluation", data_dir)
     return False
-  if split["num_instances"] < batch_size:
-    log.warning("the eval split of %s holds %d instances, fewer than one batch of %d: training "
-                "without evaluation", data_dir, split["num_instances"], batch_size)
-    return False
+  Instances(data_dir, "eval")
   return True
 
 
@@ -297,22 +294,22 @@ def _meta(s: Setup, config: ml_collections.ConfigDict, loader_state: dict) -> di
 
 
 def evaluate(s: Setup, config: ml_collections.ConfigDict, eval_fn, params) -> dict[str, float]:
-  """MLM/NSP loss and accuracy over `train.eval_batches` batches of the held-out split."""
+  """MLM/NSP loss and accuracy over the held-out split's first `train.eval_batches` batches (0:
+  all), in file order; the last batch of the split is padded with rows that count for nothing,
+  so every instance is evaluated once, on any number of devices."""
   from bert_jax.data.loader import PretrainingLoader
   if not s.evaluates:
     return {}
   loader = PretrainingLoader(s.data_dir, split="eval", global_batch_size=config.train.batch_size,
                              seed=0, process_index=jax.process_index(),
-                             process_count=jax.process_count(), shuffle=False, num_epochs=1)
+                             process_count=jax.process_count(), shuffle=False, num_epochs=1,
+                             pad_remainder=True)
   total = None
   for i, batch in enumerate(loader):
-    if i >= config.train.eval_batches:
+    if 0 < config.train.eval_batches <= i:
       break
     sums = eval_fn(params, sharding.global_batch(batch, s.mesh))
     total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
-  if total is None:
-    log.warning("the eval split of %s holds less than one batch: no evaluation", s.data_dir)
-    return {}
   return {k: float(v) for k, v in losses.pretraining_metrics(jax.device_get(total)).items()}
 
 

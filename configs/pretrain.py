@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train.log_every = 10  # steps between metric records
   c.train.eval_every = 200  # steps between evaluations on the held-out split (0 = only at end)
-  c.train.eval_batches = 10  # batches per evaluation
+  c.train.eval_batches = 10  # batches of the eval split per evaluation (0 = all of it)
   c.train.checkpoint_every = 200  # steps between checkpoints
   c.train.keep_checkpoints = 3  # checkpoints kept (the newest)
   c.train.progress_bar = True  # tqdm progress bar on the terminal (process 0)

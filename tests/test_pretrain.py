@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bert_jax.data import pretraining
+from bert_jax.data.errors import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -207,6 +208,20 @@ def test_changed_data_flags_on_a_workdir_are_refused(prepared, tmp_path):
     with pytest.raises(pretrain.ConfigError, match=rf"was made from other data settings: "
                                                    rf"data.{field}="):
       pretrain.prepare_data(changed, tmp_path, prepared["data.tokenizer"])
+
+
+def test_a_damaged_eval_split_is_refused_before_the_first_step(prepared, tmp_path):
+  """Found at the first evaluation, it would end the run before that step's checkpoint."""
+  import shutil
+
+  from bert_jax import pretrain
+  data_dir = tmp_path / "data"
+  shutil.copytree(prepared["data.data_dir"], data_dir)
+  (data_dir / "eval-00000.input_ids.npy").unlink()
+  config = _config(prepared, **{"data.data_dir": str(data_dir), "train.steps": 2})
+  with pytest.raises(DataError, match=r"eval-00000\.input_ids\.npy: cannot read"):
+    pretrain.main(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow  # a warning and a run that ends; kept out of CI for its time

@@ -189,6 +189,55 @@ def test_loader_slices_resume_and_epochs(small):
   assert sum(1 for _ in ev) == n_batches
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_an_evaluation_pass_counts_every_instance_once(small, dynamic):
+  """A batch that does not divide the split: the last batch is filled with rows weighing 0, so
+  the pass holds every instance once, in file order, on one process or split over two; a split
+  smaller than one batch is evaluated too."""
+  corpus, tok, d = small
+  out = d / f"ev{int(dynamic)}"
+  pretraining.create_pretraining_data([corpus], tok, out, max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1, seed=1,
+                                      eval_fraction=0.2, dynamic_masking=dynamic)
+  n = PretrainingLoader(out, "eval", 2, shuffle=False, num_epochs=1).instances.num_instances
+  batch = 24 if n % 24 else 28
+  assert n % batch and n > batch
+  one = list(PretrainingLoader(out, "eval", batch, shuffle=False, num_epochs=1,
+                               pad_remainder=True))
+  assert len(one) == -(-n // batch)
+  real = np.concatenate([b["example_mask"] for b in one]) > 0
+  assert real.sum() == n and real[:n].all()
+  stored = PretrainingLoader(out, "eval", n, shuffle=False, num_epochs=1).instances.rows(
+      np.arange(n))
+  for k in ("input_mask", "segment_ids") + (() if dynamic else ("input_ids",)):  # dynamic: masked
+    np.testing.assert_array_equal(np.concatenate([b[k] for b in one])[:n], stored[k], err_msg=k)
+  weights = np.concatenate([b["masked_lm_weights"] for b in one])
+  assert weights[n:].sum() == 0 and weights[:n].sum() > 0
+  if not dynamic:
+    np.testing.assert_array_equal(weights[:n], stored["masked_lm_weights"])
+  halves = [list(PretrainingLoader(out, "eval", batch, process_index=p, process_count=2,
+                                   shuffle=False, num_epochs=1, pad_remainder=True))
+            for p in range(2)]
+  for whole, a, b in zip(one, *halves, strict=True):
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k], err_msg=k)
+  small_split = list(PretrainingLoader(out, "eval", 2 * n, shuffle=False, num_epochs=1,
+                                       pad_remainder=True))
+  assert len(small_split) == 1 and small_split[0]["example_mask"].sum() == n
+
+
+def test_shards_that_disagree_with_the_manifest_are_named_up_front(small):
+  corpus, tok, d = small
+  out = d / "cut"
+  pretraining.create_pretraining_data([corpus], tok, out, max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1, seed=1)
+  shard = out / "train-00000.input_ids.npy"
+  np.save(shard, np.load(shard)[:, :32])  # an edited or mixed data directory
+  with pytest.raises(DataError, match=r"train-00000\.input_ids\.npy: instances of shape "
+                     r"\(32,\), the manifest says \(64,\)"):
+    PretrainingLoader(out, "train", 8)
+
+
 def test_dynamic_masking(small):
   corpus, tok, d = small
   m = pretraining.create_pretraining_data([corpus], tok, d / "dyn", max_seq_length=128,

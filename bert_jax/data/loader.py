@@ -35,8 +35,18 @@ BATCH_DTYPES = {"input_ids": np.int32, "input_mask": np.int32, "segment_ids": np
 PACKED_DTYPES = {"position_ids": np.int32, "cls_positions": np.int32, "example_mask": np.float32}
 
 
+def _row_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+  """The shape of one instance of each stored feature, as the manifest describes the data."""
+  t, p = int(manifest["max_seq_length"]), int(manifest["max_predictions_per_seq"])
+  k = (int(manifest["max_examples_per_row"]),) if manifest.get("packed") else ()
+  return {"input_ids": (t,), "input_mask": (t,), "segment_ids": (t,), "position_ids": (t,),
+          "masked_lm_positions": (p,), "masked_lm_ids": (p,), "masked_lm_weights": (p,),
+          "next_sentence_labels": k, "cls_positions": k, "example_mask": k}
+
+
 class Instances:
-  """The instances of one split, memory-mapped; `rows(indices)` reads them in any order."""
+  """The instances of one split, memory-mapped; `rows(indices)` reads them in any order. Every
+  shard is opened and checked against the manifest (rows, instance shape) here, up front."""
 
   def __init__(self, data_dir: str | pathlib.Path, split: str):
     self.data_dir = pathlib.Path(data_dir)
@@ -47,6 +57,7 @@ class Instances:
                       f"{sorted(splits)})")
     shards = splits[split]["shards"]
     self.features = list(self.manifest["features"])
+    self._shapes = _row_shapes(self.manifest)
     self.arrays = {k: [self._open(s["name"], k, s["num_instances"]) for s in shards]
                    for k in self.features}
     sizes = [s["num_instances"] for s in shards]
@@ -61,6 +72,11 @@ class Instances:
       raise DataError(f"{path}: cannot read ({e})") from None
     if len(a) != n:
       raise DataError(f"{path}: {len(a)} rows, the manifest says {n}")
+    want = self._shapes.get(feature)
+    if want is not None and a.shape[1:] != want:
+      raise DataError(f"{path}: instances of shape {a.shape[1:]}, the manifest says {want} "
+                      f"(max_seq_length {self.manifest['max_seq_length']}, max_predictions_per_"
+                      f"seq {self.manifest['max_predictions_per_seq']})")
     return a
 
   def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -89,21 +105,28 @@ class PretrainingLoader:
     seed: the shuffle (and dynamic masking) seed.
     process_index, process_count: which slice this process reads.
     shuffle: shuffle each epoch (train) or keep file order (eval).
-    num_epochs: None repeats forever; the remainder of the last epoch is dropped.
+    num_epochs: None repeats forever; the remainder of the last epoch is dropped, unless
+      `pad_remainder` (evaluation, one epoch): the last batch is then filled up with copies of
+      an instance whose weights are 0 (masked_lm_weights, example_mask), so every instance
+      counts exactly once and no padding does. Batches then carry `example_mask` ([B], or
+      [B, K] for packed rows).
     prefetch: batches prepared ahead in background threads.
   """
 
   def __init__(self, data_dir: str | pathlib.Path, split: str, global_batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
                shuffle: bool = True, num_epochs: int | None = None, prefetch: int = 4,
-               threads: int = 2):
+               threads: int = 2, pad_remainder: bool = False):
     self.instances = Instances(data_dir, split)
     self.manifest = self.instances.manifest
     n = self.instances.num_instances
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                        f"{process_count} processes")
-    if n < global_batch_size:
+    if pad_remainder and num_epochs != 1:
+      raise ValueError("pad_remainder is for one pass over the data (num_epochs=1)")
+    self.pad_remainder = pad_remainder
+    if n < global_batch_size and not pad_remainder:
       raise DataError(f"{data_dir}: the {split} split holds {n} instances, fewer than one "
                       f"global batch of {global_batch_size}")
     self.global_batch_size, self.seed = global_batch_size, seed
@@ -111,6 +134,8 @@ class PretrainingLoader:
     self.offset = process_index * self.local
     self.dynamic = bool(self.manifest["dynamic_masking"])
     self.dtypes = BATCH_DTYPES | (PACKED_DTYPES if self.manifest.get("packed") else {})
+    if pad_remainder:
+      self.dtypes = self.dtypes | {"example_mask": np.float32}
     if self.dynamic:
       d = pathlib.Path(data_dir)
       ids = self.manifest["special_ids"]
@@ -123,7 +148,7 @@ class PretrainingLoader:
     ds = grain.MapDataset.range(n)
     if shuffle:
       ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).batch(global_batch_size, drop_remainder=True)
+    ds = ds.repeat(num_epochs).batch(global_batch_size, drop_remainder=not pad_remainder)
     self._dataset = ds.map_with_index(self._load).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
     self._iterator = None
@@ -131,18 +156,26 @@ class PretrainingLoader:
 
   def __len__(self) -> int:
     """Global batches per epoch."""
-    return self.instances.num_instances // self.global_batch_size
+    n, b = self.instances.num_instances, self.global_batch_size
+    return -(-n // b) if self.pad_remainder else n // b
 
   def _load(self, batch_index: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    mine = np.asarray(indices[self.offset:self.offset + self.local], np.int64)
+    indices = np.asarray(indices, np.int64)
+    real = np.arange(self.global_batch_size) < len(indices)  # the rest: padding (the last batch)
+    indices = np.pad(indices, (0, self.global_batch_size - len(indices)), mode="edge")
+    mine, real = indices[self.offset:self.offset + self.local], real[self.offset:][:self.local]
     rows = self.instances.rows(mine)
     if self.dynamic:
       first = batch_index * self.global_batch_size + self.offset
       epochs = (first + np.arange(len(mine))) // self.instances.num_instances
       keys = pretraining.masking_keys(self.seed, epochs, mine)
-      real = (rows["input_mask"] > 0).sum(1)  # packed rows number their instances
-      rows.update(pretraining.mask_batch(rows["input_ids"], real, self.masking, keys,
+      tokens = (rows["input_mask"] > 0).sum(1)  # packed rows number their instances
+      rows.update(pretraining.mask_batch(rows["input_ids"], tokens, self.masking, keys,
                                          self.pad_id))
+    if self.pad_remainder:
+      rows["masked_lm_weights"] = rows["masked_lm_weights"] * real[:, None]
+      mask = rows.get("example_mask", np.ones(len(mine), np.float32))
+      rows["example_mask"] = mask * real.reshape(-1, *[1] * (np.ndim(mask) - 1))
     return {k: np.ascontiguousarray(rows[k], dtype) for k, dtype in self.dtypes.items()}
 
   def __iter__(self):
@@ -170,11 +203,13 @@ class PretrainingLoader:
     if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size or (
         state.get("seed", self.seed) != self.seed):
       rows = batches * int(state["global_batch_size"])
-      log.warning("the loader state was saved with global batch %s and seed %s, now %d and %d: "
-                  "continuing after the same number of instances (%d), not the same order",
-                  state.get("global_batch_size"), state.get("seed"), self.global_batch_size,
-                  self.seed, rows)
       batches = rows // self.global_batch_size
+      log.warning("the loader state was saved with global batch %s and seed %s, now %d and %d: "
+                  "continuing at instance %d of the order (%d were consumed; %s)",
+                  state.get("global_batch_size"), state.get("seed"), self.global_batch_size,
+                  self.seed, batches * self.global_batch_size, rows,
+                  "a new seed shuffles a new order" if state.get("seed", self.seed) != self.seed
+                  else "the order is the same, so the instances between are seen again")
     self._pending_state = {"next_index": batches}
     if self._iterator is not None:
       self._iterator.set_state(self._pending_state)
