@@ -251,12 +251,13 @@ def _untie(tensors: dict[str, np.ndarray], source: str) -> None:
   one bias. The bias kept is the decoder's, which Hugging Face's forward adds; a decoder weight
   that is not the word embedding (tie_word_embeddings false) has no place in our model."""
   weight = tensors.pop("cls.predictions.decoder.weight", None)
-  embedding = tensors.get("bert.embeddings.word_embeddings.weight")
-  if weight is not None and embedding is not None and not _same(weight, embedding):
-    raise ConversionError(
-        f"{source}: cls.predictions.decoder.weight is not the word embedding matrix (an untied "
-        "masked-LM decoder); bert_jax ties the two, so this masked-LM head cannot be converted. "
-        "Fine-tuning from this directory works: it uses the encoder alone")
+  if weight is not None:  # a save that kept only the decoder's copy: it is the embedding
+    embedding = tensors.setdefault("bert.embeddings.word_embeddings.weight", weight)
+    if not _same(weight, embedding):
+      raise ConversionError(
+          f"{source}: cls.predictions.decoder.weight is not the word embedding matrix (an "
+          "untied masked-LM decoder); bert_jax ties the two, so this masked-LM head cannot be "
+          "converted. Fine-tuning from this directory works: it uses the encoder alone")
   bias = tensors.pop("cls.predictions.decoder.bias", None)
   if bias is not None:
     tensors["cls.predictions.bias"] = bias
