@@ -236,6 +236,14 @@ def test_shards_that_disagree_with_the_manifest_are_named_up_front(small):
   with pytest.raises(DataError, match=r"train-00000\.input_ids\.npy: instances of shape "
                      r"\(32,\), the manifest says \(64,\)"):
     PretrainingLoader(out, "train", 8)
+  dyn = d / "cut_dynamic"
+  pretraining.create_pretraining_data([corpus], tok, dyn, max_seq_length=64,
+                                      max_predictions_per_seq=10, dupe_factor=1, seed=1,
+                                      dynamic_masking=True)
+  np.save(dyn / pretraining.WORD_STARTS, np.ones(500, bool))  # another vocabulary's
+  with pytest.raises(DataError, match=r"word_starts\.npy: shape \(500,\), expected one entry "
+                     r"per token id of the vocabulary \(1000"):
+    PretrainingLoader(dyn, "train", 8)
 
 
 def test_dynamic_masking(small):

@@ -137,10 +137,9 @@ class PretrainingLoader:
     if pad_remainder:
       self.dtypes = self.dtypes | {"example_mask": np.float32}
     if self.dynamic:
-      d = pathlib.Path(data_dir)
       ids = self.manifest["special_ids"]
       self.masking = pretraining.MaskingSpec.create(
-          list(ids.values()), np.load(d / pretraining.WORD_STARTS), ids["mask"], ids["unk"],
+          list(ids.values()), self._word_starts(), ids["mask"], ids["unk"],
           masked_lm_prob=self.manifest["masked_lm_prob"],
           max_predictions=self.manifest["max_predictions_per_seq"],
           whole_word=self.manifest["whole_word_mask"])
@@ -153,6 +152,18 @@ class PretrainingLoader:
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
     self._iterator = None
     self._pending_state: dict[str, Any] | None = None
+
+  def _word_starts(self) -> np.ndarray:
+    """Which token ids start a word (whole-word masking), one per id of the vocabulary."""
+    path = self.instances.data_dir / pretraining.WORD_STARTS
+    try:
+      starts = np.load(path)
+    except (OSError, ValueError) as e:
+      raise DataError(f"{path}: cannot read ({e})") from None
+    if starts.shape != (self.manifest.get("vocab_size", len(starts)),):
+      raise DataError(f"{path}: shape {starts.shape}, expected one entry per token id of the "
+                      f"vocabulary ({self.manifest['vocab_size']}, the manifest's vocab_size)")
+    return starts
 
   def __len__(self) -> int:
     """Global batches per epoch."""
