@@ -139,20 +139,27 @@ def config_value(flag) -> Any:
   try:
     value.keys()
   except OSError as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f"error: --config: cannot load {lines[-2] if len(lines) > 1 else ''} "
-          f"({lines[-1]})", file=sys.stderr)
-    sys.exit(2)
+    _load_error(e)
   return value
+
+
+def _load_error(e: OSError) -> NoReturn:
+  """One line for a config file that did not load (ml_collections' message ends with the path
+  it tried and the reason); exit 2."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  print(f"error: --config: cannot load {lines[-2] if len(lines) > 1 else ''} "
+        f"({lines[-1]})", file=sys.stderr)
+  sys.exit(2)
 
 
 def _shipped_config(arg: str) -> str:
   """`--config=configs/classify.py` (or `classify.py`, with an optional `:ARG`) that names no file
   here but one of the shipped configs (`configs_dir()`): that one, so the shipped configs work by
   name from any directory and from an installed wheel."""
-  if not arg.startswith("--config="):
+  prefix = next((p for p in ("--config=", "-config=") if arg.startswith(p)), None)
+  if prefix is None:
     return arg
-  file, sep, rest = arg.removeprefix("--config=").partition(":")
+  file, sep, rest = arg.removeprefix(prefix).partition(":")
   shipped = os.path.join(configs_dir(), os.path.basename(file))
   if os.path.exists(file) or not os.path.isfile(shipped) or os.path.basename(
       os.path.dirname(file)) not in ("", "configs"):
@@ -160,11 +167,25 @@ def _shipped_config(arg: str) -> str:
   return f"--config={shipped}{sep}{rest}"
 
 
+def _joined(args: list[str]) -> list[str]:
+  """`--config FILE` as `--config=FILE` (absl takes both), so the shipped configs are found by
+  name in either form."""
+  out, i = [], 0
+  while i < len(args):
+    if args[i] in ("--config", "-config") and i + 1 < len(args):
+      out.append(f"{args[i]}={args[i + 1]}")
+      i += 2
+    else:
+      out.append(args[i])
+      i += 1
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run(..., flags_parser=cli.parse_flags)`) with a bad flag value,
   e.g. a config argument that its get_config refuses, as one line and exit 2."""
   from absl import flags
-  argv = [argv[0], *("--help" if a == "-h" else _shipped_config(a) for a in argv[1:])]
+  argv = [argv[0], *("--help" if a == "-h" else _shipped_config(a) for a in _joined(argv[1:]))]
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's --help (-?, --helpfull, ...) exits 1 after printing the help
@@ -172,6 +193,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     if e.code == 1 and asked.intersection(argv[1:]):
       sys.exit(0)
     raise
+  except OSError as e:  # a config file that did not load, read by a --config.* override
+    _load_error(e)
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # a --config.* override
     _config_error(e, argv[1:])
   except flags.Error as e:

@@ -225,15 +225,32 @@ def check_counts(section: Any, minimums: dict[str, int], prefix: str = "train") 
 
 class StopFlag:
   """Set by SIGTERM/SIGINT (single process) or the coordination service's preemption notice
-  (several processes: every process stops at the same step)."""
+  (several processes: every process stops at the same step). A context manager: the previous
+  handlers come back on exit (what follows the loop, e.g. predictions, stops on Ctrl-C as
+  usual), and a second signal while stopping takes effect at once."""
 
   def __init__(self):
     self.signum = 0
+    self._previous = {}
     if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, self._handle)
+      self._previous = {sig: signal.signal(sig, self._handle)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def __enter__(self) -> StopFlag:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.restore()
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
   def _handle(self, signum, _frame):
+    if self.signum:  # a second signal: stop now, without waiting for the step's checkpoint
+      self.restore()
+      signal.raise_signal(signum)
     self.signum = signum
 
   def should_stop(self, step: int) -> bool:
@@ -354,7 +371,13 @@ def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
   with _sync():
     step = int(state.step)
     first_bad = jax.device_put(np.int32(-1), sharding.replicated(loop.mesh))
-  stop, window, bar = StopFlag(), _Window(), _progress(loop, step)
+  with StopFlag() as stop:
+    return _fit(loop, state, step, first_bad, stop)
+
+
+def _fit(loop: Loop, state: TrainState, step: int, first_bad: Array, stop: StopFlag
+         ) -> tuple[TrainState, dict[str, float]]:
+  window, bar = _Window(), _progress(loop, step)
   last = {}
   while step < loop.total_steps:
     batch = sharding.global_batch(loop.batch(step), loop.mesh)

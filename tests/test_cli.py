@@ -34,6 +34,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     # A shipped config by its name, from a directory that has no configs/: the shipped one.
     ("finetune.py", ["--config=configs/classify.py:tiny", "--workdir=w"],
      "error: random initialisation (init_from='') needs --config.tokenizer"),
+    # ... in absl's other spelling, --config FILE
+    ("finetune.py", ["--config", "configs/classify.py", "--workdir", "w"],
+     "error: random initialisation (init_from='') needs --config.tokenizer"),
+    # A config file that does not load, with an override (which reads it as flags are parsed)
+    ("train.py", ["--config=nosuch.py", "--config.train.steps=1"],
+     "error: --config: cannot load nosuch.py ([Errno 2] No such file or directory"),
 ])
 def test_bad_flags_are_one_line_from_any_directory(tmp_path, script, args, message):
   (tmp_path / "notes.txt").write_text("a file, not a workdir")

@@ -248,3 +248,23 @@ def test_gradient_clipping_matches_optax():
       assert all(np.array_equal(got[k], grads[k]) for k in grads)
     else:
       np.testing.assert_allclose(float(optax.tree.norm(got)), max_norm, rtol=1e-6)
+
+
+def test_the_stop_flag_gives_the_signal_handlers_back():
+  """Ctrl-C during the loop is a checkpointed stop; a second one stops at once; after the loop
+  (predictions, exports) Ctrl-C works as usual again."""
+  import os
+  import signal
+
+  before = signal.getsignal(signal.SIGINT)
+  with trainer.StopFlag() as stop:
+    assert signal.getsignal(signal.SIGINT) != before
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGINT  # flagged: the loop saves and exits at its step's end
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      signal.getsignal(signal.SIGINT)  # (the handler runs between bytecodes)
+  assert signal.getsignal(signal.SIGINT) is before
+  with trainer.StopFlag():
+    pass
+  assert signal.getsignal(signal.SIGINT) is before
