@@ -220,7 +220,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
   from bert_jax.data import pretraining
   trainer.check_counts(config.train, {
       "steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every": 1,
-      "keep_checkpoints": 1, "eval_every": 0, "eval_batches": 1, "warmup_steps": 0})
+      "keep_checkpoints": 1, "eval_every": 0, "eval_batches": 0, "warmup_steps": 0})
   sharding.init_distributed()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.train.num_devices or None, config.train.fsdp)

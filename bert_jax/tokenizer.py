@@ -534,10 +534,13 @@ def _main(argv: Sequence[str] | None = None) -> None:
   e.add_argument("--tokenizer", required=True)
   args = p.parse_args(argv)
   if args.command == "train":
-    path = train_sentencepiece(expand_files(args.input), args.vocab_size, args.output,
-                               args.model_type, args.character_coverage,
-                               lowercase=args.lowercase)
-    print(f"wrote {path} ({load(path).vocab_size} pieces)")
+    target = f"{args.output}.model"  # a URL: trained on local disk, then uploaded
+    with files.local_output(target) as out:
+      path = train_sentencepiece(expand_files(args.input), args.vocab_size,
+                                 str(out)[:-len(".model")], args.model_type,
+                                 args.character_coverage, lowercase=args.lowercase)
+      pieces = load(path).vocab_size
+    print(f"wrote {target} ({pieces} pieces)")
   else:
     tok = load(args.tokenizer)
     for line in sys.stdin:

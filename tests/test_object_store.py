@@ -179,3 +179,30 @@ def test_bench_profile_uploads_its_trace_to_gcs(gcs, tmp_path):
   traces = list(files.path(p["trace_dir"]).glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().length > 0
   assert not pathlib.Path("gs:").exists(), "a gs:// profile directory was taken for a local one"
+
+
+def test_a_corpus_and_a_tokenizer_on_gcs(gcs, tmp_path, capsys):
+  """bert-jax-tokenizer train and bert-jax-data read corpus files (and globs) from the bucket;
+  the tokenizer's gs:// output is uploaded there (it made a local gs:/ folder before)."""
+  from bert_jax import files, tokenizer
+  from bert_jax.data import pretraining
+  root = f"gs://{BUCKET}/{tmp_path.name}"
+  text = pretraining.default_corpus_path().read_text(encoding="utf-8")[:60_000]
+  cut = text.index("\n\n", 30_000)
+  files.path(f"{root}/corpus/a.txt").write_text(text[:cut] + "\n")
+  files.path(f"{root}/corpus/b.txt").write_text(text[cut + 2:])
+  tokenizer._main(["train", "--input", f"{root}/corpus/*.txt", "--vocab_size", "300",
+                   "--output", f"{root}/spm"])
+  assert capsys.readouterr().out.strip() == f"wrote {root}/spm.model (300 pieces)"
+  assert not pathlib.Path("gs:").exists(), "a gs:// output was taken for a local one"
+  assert tokenizer.load(f"{root}/spm.model").vocab_size == 300
+  pretraining._main(["--input_files", f"{root}/corpus/a.txt,{root}/corpus/b.txt",
+                     "--tokenizer", f"{root}/spm.model", "--output_dir", f"{root}/data",
+                     "--max_seq_length", "32", "--max_predictions_per_seq", "5",
+                     "--dupe_factor", "1", "--eval_fraction", "0.1"])
+  manifest = pretraining.read_manifest(f"{root}/data")
+  assert manifest["args"]["input_files"] == [f"{root}/corpus/a.txt", f"{root}/corpus/b.txt"]
+  assert manifest["splits"]["train"]["num_instances"] > 0
+  with pytest.raises(pretraining.DataError, match=rf"{root}/corpus/c\*\.txt: no such file"):
+    tokenizer._main(["train", "--input", f"{root}/corpus/c*.txt", "--vocab_size", "300",
+                     "--output", f"{root}/spm2"])

@@ -621,7 +621,9 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
                      (UNMASKED if dynamic_masking else FEATURES) + (PACKED if pack else ())},
         "packed": pack, "max_examples_per_row": max_examples_per_row if pack else 1,
         "splits": splits,
-        "args": {"input_files": [str(p) for p in files], "short_seq_prob": short_seq_prob,
+        "args": {"input_files": [str(p) if storage.is_url(p) else str(f)
+                                 for p, f in zip(input_files, files, strict=True)],
+                 "short_seq_prob": short_seq_prob,
                  "dupe_factor": dupe_factor, "seed": seed, "eval_fraction": eval_fraction},
         "corpus": {"documents": n_docs, "sentences": int(corpus.doc_starts[-1]),
                    "tokens": int(corpus.sentence_starts[-1])},

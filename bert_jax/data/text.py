@@ -6,30 +6,42 @@ import glob
 import pathlib
 from collections.abc import Iterator, Sequence
 
+from bert_jax import files as storage
 from bert_jax.data.errors import DataError
 
 
+def _glob(pattern: str) -> list[str]:
+  if not storage.is_url(pattern):
+    return glob.glob(pattern)
+  p = storage.path(pattern)  # gs://bucket/dir/*.txt: a pattern in the last part of the path
+  if not glob.has_magic(pattern):
+    return [pattern] if p.is_file() else []
+  parent = p.parent
+  return [str(m) for m in parent.glob(p.name) if m.is_file()] if parent.is_dir() else []
+
+
 def expand_files(patterns: str) -> list[str]:
-  """Comma-separated paths or globs -> the matching files, sorted per pattern; a DataError names a
-  pattern that matches nothing."""
-  files: list[str] = []
+  """Comma-separated paths or globs (local, or URLs with the pattern in the file name) -> the
+  matching files, sorted per pattern; a DataError names a pattern that matches nothing."""
+  found: list[str] = []
   for pattern in (p.strip() for p in patterns.split(",")):
-    matches = sorted(glob.glob(pattern))
+    matches = sorted(_glob(pattern))
     if not matches:
       raise DataError(f"{pattern}: no such file")
-    files += matches
-  return files
+    found += matches
+  return found
 
 
 def check_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
-  """The paths as Paths; a DataError naming the first that is missing or not a file."""
+  """The paths as local Paths (a URL: a local copy, made once per process); a DataError naming
+  the first that is missing or not a file."""
   if not paths:
     raise DataError("no input files given")
   out = []
-  for p in map(pathlib.Path, paths):
-    if not p.is_file():
+  for p in paths:
+    if not storage.path(p).is_file():
       raise DataError(f"{p}: no such file")
-    out.append(p)
+    out.append(pathlib.Path(storage.local(p)) if storage.is_url(p) else pathlib.Path(p))
   return out
 
 
