@@ -265,7 +265,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
     return results
 
   every = t.checkpoint_every or run.steps_per_epoch
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step=int(state.step))
   loop = trainer.Loop(
       mesh=run.mesh, step_fn=trainer.jit_train_step(
           run.mesh, shardings, objective=run.objective, tx=run.tx, schedule=run.schedule,

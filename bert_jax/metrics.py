@@ -19,11 +19,22 @@ import numpy as np
 from bert_jax import files
 
 
+def _step_of(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 class MetricWriter:
   """Appends {"step", "time", "split", ...} records to <workdir>/metrics.jsonl and writes the
   same scalars as TensorBoard events under <workdir>/tensorboard/<split>."""
 
-  def __init__(self, workdir: files.PathLike, upload_seconds: float = 10.0):
+  def __init__(self, workdir: files.PathLike, upload_seconds: float = 10.0,
+               start_step: int | None = None):
+    """start_step: the step the run starts from (its checkpoint's); records an earlier run
+    wrote after it are dropped from metrics.jsonl, since the steps are trained again (a resume
+    after a kill would otherwise log them twice), and so is a line cut short by the kill."""
     self.enabled = jax.process_index() == 0
     self._workdir = files.path(workdir)
     self._remote = files.is_url(self._workdir)
@@ -33,8 +44,17 @@ class MetricWriter:
       return
     self._workdir.mkdir(parents=True, exist_ok=True)
     jsonl = self._workdir / "metrics.jsonl"
+    lines = jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else []
+    if start_step is not None:
+      kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= start_step]
+      if kept != lines:
+        lines = kept
+        if not self._remote:
+          tmp = jsonl.with_name(f".metrics.jsonl.{os.getpid()}.tmp")
+          tmp.write_text("".join(lines))
+          tmp.replace(jsonl)
     if self._remote:
-      self._lines = jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else []
+      self._lines = lines
     else:
       self._jsonl = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
 

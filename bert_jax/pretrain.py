@@ -336,7 +336,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
   eval_fn = trainer.jit_on_batches(
       s.mesh, lambda params, batch: s.objective.batch_sums(params, batch, deterministic=True),
       state_shardings.params)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step=int(state.step))
   log.info("model %s: %s; mesh %s; global batch %d x %d", config.model.variant, s.bert,
            dict(s.mesh.shape), t.batch_size, s.manifest["max_seq_length"])
   loop = trainer.Loop(

@@ -106,7 +106,7 @@ def run_code(code: str, devices: int = 1, env: dict | None = None) -> str:
 
 
 def losses(workdir, split: str = "train", key: str = "loss") -> dict[int, float]:
-  """Last logged value per step (a resumed run logs some steps twice)."""
+  """Last logged value per step."""
   from bert_jax import files
   out = {}
   for line in (files.path(workdir) / "metrics.jsonl").read_text().splitlines():

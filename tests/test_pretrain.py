@@ -76,7 +76,7 @@ def _run(config, workdir, devices=1) -> str:
 
 
 def _losses(workdir) -> dict[int, float]:
-  """Last logged train loss per step (a resumed run logs some steps twice)."""
+  """Last logged train loss per step."""
   out = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     r = json.loads(line)

@@ -268,3 +268,26 @@ def test_the_stop_flag_gives_the_signal_handlers_back():
   with trainer.StopFlag():
     pass
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """Records an earlier run wrote after the checkpoint it resumes from are dropped (those steps
+  are trained again), and so is a line cut short by a kill."""
+  import json
+
+  from bert_jax.metrics import MetricWriter
+  first = MetricWriter(tmp_path)
+  for step in range(1, 9):
+    first.write(step, {"loss": step})
+  first.write(5, {"loss": 0.5}, "eval")
+  first.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 9, "ti')  # killed mid-write
+  again = MetricWriter(tmp_path, start_step=5)
+  for step in range(6, 11):
+    again.write(step, {"loss": 10 * step})
+  again.close()
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+  assert train == [(s, s) for s in range(1, 6)] + [(s, 10 * s) for s in range(6, 11)]
+  assert [r["step"] for r in records if r["split"] == "eval"] == [5]
