@@ -88,6 +88,10 @@ def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
     if num_devices > len(devices):
       raise ConfigError(f"train.num_devices={num_devices} but only {len(devices)} devices "
                         "exist")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      # Every process feeds its share of each batch to devices of its own.
+      raise ConfigError(f"train.num_devices={num_devices}: a run of {jax.process_count()} "
+                        f"processes uses all {len(devices)} devices (set 0)")
     devices = devices[:num_devices]
   n = len(devices)
   if fsdp < 1 or n % fsdp:

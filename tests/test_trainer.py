@@ -291,3 +291,15 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
   train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
   assert train == [(s, s) for s in range(1, 6)] + [(s, 10 * s) for s in range(6, 11)]
   assert [r["step"] for r in records if r["split"] == "eval"] == [5]
+
+
+def test_a_multi_process_run_uses_every_device(monkeypatch):
+  """train.num_devices below the devices of a multi-process run would leave a process without
+  devices of its own for its rows (a StopIteration on that host, the others waiting)."""
+  from bert_jax.errors import ConfigError
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  n = len(jax.devices())
+  with pytest.raises(ConfigError, match=rf"train.num_devices=2: a run of 2 processes uses all "
+                                        rf"{n} devices \(set 0\)"):
+    sharding.make_mesh(2)
+  assert sharding.make_mesh(n).devices.size == sharding.make_mesh(0).devices.size == n
