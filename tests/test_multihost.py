@@ -85,6 +85,7 @@ def _wait_for_step(workdir, step, procs, timeout=300):
   raise AssertionError("the run ended before the signal: " + procs[0].communicate()[0])
 
 
+@pytest.mark.slow  # CI (time): two processes run in test_finetuning_resumes_on_two_processes_...
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(prepared, tmp_path):
   # fsdp=2: each process saves and restores its shard of the state.
   config = runs.pretrain_config(prepared, **{"train.steps": 24, "train.checkpoint_every": 100,

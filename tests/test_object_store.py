@@ -82,6 +82,7 @@ def _wait_for(path, proc, timeout=300):
   raise AssertionError(f"{path} never appeared: " + proc.communicate()[0])
 
 
+@pytest.mark.slow  # CI (time): the data-step, corpus and profile tests below use the bucket
 def test_pretrain_kill_resume_finetune_convert_on_gcs(gcs, prepared, tmp_path):
   from bert_jax import checkpoint, convert, files
   root = f"gs://{BUCKET}/{tmp_path.name}"

@@ -247,7 +247,9 @@ def _spawn_process(config, workdir, index, port):
   return _spawn(config, workdir, devices=2, env=env)
 
 
-@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow), 2])
+# Both slow (CI time): tests/test_multihost.py runs two processes, test_trainer.py every mesh.
+@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow)])
 def test_two_processes_match_one(prepared, tmp_path, fsdp):
   # fsdp=2: each process's two devices hold one sharded copy of the state. Saving and resuming
   # on two processes (sharded too) is tests/test_multihost.py's SIGTERM test.
