@@ -46,7 +46,7 @@ class MetricWriter:
     jsonl = self._workdir / "metrics.jsonl"
     lines = jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else []
     if start_step is not None:
-      kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= start_step]
+      kept = [line for line in lines if (s := _step_of(line)) is not None and s <= start_step]
       if kept != lines:
         lines = kept
         if not self._remote:

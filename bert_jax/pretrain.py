@@ -212,7 +212,7 @@ class Setup:
   data_dir: epath.Path
   manifest: dict
   tokenizer_path: epath.Path
-  evaluates: bool = True  # the data has an eval split of at least one batch
+  evaluates: bool = True  # the data has an eval split (checked against its manifest)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
