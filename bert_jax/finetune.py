@@ -283,8 +283,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
   try:
     state, last = trainer.fit(loop, state)
   finally:
-    mngr.close()  # waits for an asynchronous save still being written
-    writer.close()
+    with writer:  # closed (its last lines uploaded) even when the manager's close raises
+      mngr.close()  # waits for an asynchronous save still being written
   faults.point("finetune.after_fit")  # trained and saved; predictions not yet written
   if getattr(run.task, "predict_examples", None):
     _predict_file(run, state)

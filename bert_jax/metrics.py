@@ -8,6 +8,7 @@ google-cloud-storage).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -17,6 +18,9 @@ import jax
 import numpy as np
 
 from bert_jax import files
+
+
+_writers = itertools.count()
 
 
 def _step_of(line: str) -> int | None:
@@ -34,12 +38,14 @@ class MetricWriter:
                start_step: int | None = None):
     """start_step: the step the run starts from (its checkpoint's); records an earlier run
     wrote after it are dropped from metrics.jsonl, since the steps are trained again (a resume
-    after a kill would otherwise log them twice), and so is a line cut short by the kill."""
+    after a kill would otherwise log them twice), and so is a line cut short by the kill;
+    TensorBoard is told to hide the earlier events past it."""
     self.enabled = jax.process_index() == 0
     self._workdir = files.path(workdir)
     self._remote = files.is_url(self._workdir)
     self._upload_seconds, self._uploaded = upload_seconds, 0.0
     self._tb: dict[str, Any] = {}
+    self._start_step = start_step
     if not self.enabled:
       return
     self._workdir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +67,13 @@ class MetricWriter:
   def _board(self, split: str):
     if split not in self._tb:
       from tensorboardX import SummaryWriter
-      self._tb[split] = SummaryWriter(os.fspath(self._workdir / "tensorboard" / split))
+      # purge_step: TensorBoard hides what earlier event files hold from the first re-trained
+      # step on. The suffix keeps this writer's file apart from one written in the same second
+      # (tensorboardX names files by the second and the host, and would overwrite it).
+      self._tb[split] = SummaryWriter(
+          os.fspath(self._workdir / "tensorboard" / split),
+          purge_step=None if self._start_step is None else self._start_step + 1,
+          filename_suffix=f".{os.getpid()}.{next(_writers)}")
     return self._tb[split]
 
   def _upload(self) -> None:
@@ -84,6 +96,12 @@ class MetricWriter:
     board = self._board(split)
     for k, v in values.items():
       board.add_scalar(k, v, int(step))
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def close(self) -> None:
     if not self.enabled:

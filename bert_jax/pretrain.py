@@ -353,6 +353,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
     _, last = trainer.fit(loop, state)
     faults.point("pretrain.after_fit")  # the final checkpoint may still be being written
   finally:
-    mngr.close()  # waits for an asynchronous save still being written
-    writer.close()
+    with writer:  # closed (its last lines uploaded) even when the manager's close raises
+      mngr.close()  # waits for an asynchronous save still being written
   return last

@@ -293,6 +293,33 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
   assert [r["step"] for r in records if r["split"] == "eval"] == [5]
 
 
+def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+  """TensorBoard (its own reader) shows the steps after the resumed checkpoint from the new run
+  only: the earlier run's events past it are purged, in both splits."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  from bert_jax.metrics import MetricWriter
+  first = MetricWriter(tmp_path)
+  for step in range(1, 9):
+    first.write(step, {"loss": step})
+  first.write(4, {"loss": 0.4}, "eval")
+  first.write(8, {"loss": 0.8}, "eval")
+  first.close()
+  again = MetricWriter(tmp_path, start_step=5)  # in the same second: its own event files
+  for step in range(6, 11):
+    again.write(step, {"loss": 10 * step})
+  again.write(10, {"loss": 1.0}, "eval")
+  again.close()
+
+  def shown(split):
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / split))
+    acc.Reload()
+    return [(e.step, round(e.value, 3)) for e in acc.Scalars("loss")]
+
+  assert shown("train") == [(s, s) for s in range(1, 6)] + [(s, 10 * s) for s in range(6, 11)]
+  assert shown("eval") == [(4, 0.4), (10, 1.0)]
+
+
 def test_a_multi_process_run_uses_every_device(monkeypatch):
   """train.num_devices below the devices of a multi-process run would leave a process without
   devices of its own for its rows (a StopIteration on that host, the others waiting)."""
