@@ -278,6 +278,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
                            "task": run.task.description}),
       set_aside=lambda step: checkpoint.set_aside_diverged(mngr, step),
       writer=writer, progress_bar=t.progress_bar,
+      steps_from=(f"train.max_steps={t.max_steps}" if run.steps == t.max_steps
+                  else f"train.epochs={t.epochs}: {run.steps} steps"),
       tokens_per_step=(run.packer.num_rows if run.packer else t.batch_size)
       * config.data.max_seq_length)
   try:

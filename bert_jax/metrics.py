@@ -19,7 +19,6 @@ import numpy as np
 
 from bert_jax import files
 
-
 _writers = itertools.count()
 
 

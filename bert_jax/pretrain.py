@@ -77,16 +77,38 @@ def _train_tokenizer(config: ml_collections.ConfigDict, dst: epath.Path) -> None
       faults.point("pretrain.tokenizer_trained")  # written, not yet moved into the workdir
 
 
+def _trained_settings(path: epath.Path) -> dict[str, Any]:
+  """The data.tokenizer_* values a SentencePiece model was trained with (its own spec)."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  model = pb.ModelProto.FromString(path.read_bytes())
+  return {"tokenizer_vocab_size": model.trainer_spec.vocab_size,
+          "tokenizer_type": pb.TrainerSpec.ModelType.Name(model.trainer_spec.model_type).lower(),
+          "tokenizer_lowercase": model.normalizer_spec.name.endswith("_cf")}
+
+
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-  """The tokenizer file inside the workdir: copied from data.tokenizer, or trained there."""
+  """The tokenizer file inside the workdir: copied from data.tokenizer, or trained there. One
+  made earlier is kept (the workdir's data and checkpoints were made with it): other settings,
+  or another file under its name, are refused rather than silently ignored."""
+  from bert_jax import tokenizer
+  keep = "the workdir keeps the tokenizer its data and checkpoints were made with: use another " \
+         "workdir, or restore the settings"
   if config.data.tokenizer:
     src = files.path(config.data.tokenizer)
     if not src.is_file():
       raise ConfigError(f"data.tokenizer: {src} does not exist")
     dst = workdir / src.name
+    if dst.exists() and tokenizer.load(src).fingerprint != tokenizer.load(dst).fingerprint:
+      raise ConfigError(f"data.tokenizer: {src} is not the tokenizer {dst} was made with; {keep}")
     files.on_process_0(_copy_tokenizer, src, dst)
     return dst
   dst = workdir / "tokenizer.model"
+  if dst.exists():
+    made = _trained_settings(dst)
+    differ = [f"data.{k}={config.data[k]!r} (made with {v!r})" for k, v in made.items()
+              if config.data[k] != v]
+    if differ:
+      raise ConfigError(f"{dst} was made with other settings: {'; '.join(differ)}; {keep}")
   files.on_process_0(_train_tokenizer, config, dst)
   return dst
 
@@ -157,6 +179,9 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   """What must hold before any data is written (a bad value would otherwise be baked into the
   workdir's data and fail every corrected rerun)."""
   d, m = config.data, config.model
+  if not d.tokenizer and d.tokenizer_type not in ("bpe", "unigram"):
+    raise ConfigError(f"data.tokenizer_type={d.tokenizer_type!r}: expected 'bpe' or 'unigram' "
+                      "(a WordPiece vocab.txt is given as data.tokenizer)")
   if d.max_seq_length > m.max_position_embeddings:
     raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the position table "
                       f"(model.max_position_embeddings={m.max_position_embeddings})")

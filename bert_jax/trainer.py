@@ -317,6 +317,7 @@ class Loop:
   progress_bar: bool = True
   tokens_per_step: int | None = None
   set_aside: Callable[[int], Any] | None = None
+  steps_from: str = ""  # the setting total_steps comes from, for messages ("train.steps=N")
 
 
 class _Window:
@@ -371,6 +372,12 @@ def fit(loop: Loop, state: TrainState) -> tuple[TrainState, dict[str, float]]:
   with _sync():
     step = int(state.step)
     first_bad = jax.device_put(np.int32(-1), sharding.replicated(loop.mesh))
+  steps_from = loop.steps_from or f"train.steps={loop.total_steps}"
+  if step > loop.total_steps:
+    raise ConfigError(f"the workdir's checkpoint is at step {step}, past {steps_from}: a run "
+                      "does not train backwards; use another workdir, or train longer")
+  if step == loop.total_steps and jax.process_index() == 0:
+    log.info("already trained to step %d (%s): nothing left to do", step, steps_from)
   with StopFlag() as stop:
     return _fit(loop, state, step, first_bad, stop)
 

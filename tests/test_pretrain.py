@@ -85,15 +85,22 @@ def _losses(workdir) -> dict[int, float]:
   return out
 
 
-def test_smoke_run_logs_checkpoints_and_evaluates(prepared, tmp_path):
+def test_smoke_run_logs_checkpoints_and_evaluates(prepared, tmp_path, caplog):
   from bert_jax import pretrain
-  result = pretrain.main(_config(prepared, **{"train.steps": 2, "train.checkpoint_every": 1}),
-                         tmp_path)
+  config = _config(prepared, **{"train.steps": 2, "train.checkpoint_every": 1})
+  result = pretrain.main(config, tmp_path)
   assert {"loss", "mlm_accuracy", "nsp_accuracy", "tokens_per_s", "eval_loss"} <= set(result)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
       "1", "2"]
   assert set(_losses(tmp_path)) == {1, 2}
   assert list((tmp_path / "tensorboard" / "train").iterdir())
+  # Run again: finished already, it says so; with fewer steps than the checkpoint's, refused.
+  caplog.set_level("INFO")
+  pretrain.main(config, tmp_path)
+  assert "already trained to step 2 (train.steps=2): nothing left to do" in caplog.text
+  with pytest.raises(pretrain.ConfigError, match=r"checkpoint is at step 2, past train.steps=1"):
+    pretrain.main(_config(prepared, **{"train.steps": 1}), tmp_path)
+  assert set(_losses(tmp_path)) == {1, 2}
 
 
 def test_phase_two_starts_from_phase_one(prepared, tmp_path, caplog):
@@ -174,6 +181,9 @@ def test_non_finite_loss_stops_with_the_step(prepared, tmp_path):
     ({"train.log_every": 0}, r"train.log_every=0: expected a whole number >= 1"),
     ({"train.checkpoint_every": 0}, r"train.checkpoint_every=0: expected"),
     ({"train.keep_checkpoints": 0}, r"train.keep_checkpoints=0: expected a whole number >= 1"),
+    ({"data.tokenizer": "", "data.tokenizer_type": "wordpiece"},
+     r"data.tokenizer_type='wordpiece': expected 'bpe' or 'unigram' \(a WordPiece vocab.txt "
+     r"is given as data.tokenizer\)"),
 ])
 def test_bad_configuration_is_refused(prepared, tmp_path, overrides, message):
   from bert_jax import pretrain
@@ -208,6 +218,37 @@ def test_changed_data_flags_on_a_workdir_are_refused(prepared, tmp_path):
     with pytest.raises(pretrain.ConfigError, match=rf"was made from other data settings: "
                                                    rf"data.{field}="):
       pretrain.prepare_data(changed, tmp_path, prepared["data.tokenizer"])
+
+
+def test_changed_tokenizer_settings_on_a_workdir_are_refused(prepared, tmp_path):
+  """A workdir keeps the tokenizer its data and checkpoints were made with: other tokenizer
+  settings, or another tokenizer file of the same name, are refused, not silently ignored."""
+  import shutil
+
+  from bert_jax import pretrain, tokenizer
+  trained = {"data.tokenizer": "", "data.input_files": _corpus(prepared),
+             "data.tokenizer_vocab_size": 300}
+  path = pretrain.prepare_tokenizer(_config(prepared, **trained), tmp_path / "a")
+  assert tokenizer.load(path).vocab_size == 300
+  pretrain.prepare_tokenizer(_config(prepared, **trained), tmp_path / "a")  # the same: reused
+  for field, value, made in (("tokenizer_vocab_size", 400, 300),
+                             ("tokenizer_lowercase", True, False),
+                             ("tokenizer_type", "unigram", "bpe")):
+    with pytest.raises(pretrain.ConfigError,
+                       match=rf"tokenizer.model was made with other settings: "
+                             rf"data.{field}={value!r} \(made with {made!r}\)"):
+      pretrain.prepare_tokenizer(_config(prepared, **{**trained, f"data.{field}": value}),
+                                 tmp_path / "a")
+
+  other = tmp_path / "other" / pathlib.Path(prepared["data.tokenizer"]).name
+  other.parent.mkdir()
+  shutil.copy(path, other)  # another tokenizer under the name of the workdir's copy
+  pretrain.prepare_tokenizer(_config(prepared), tmp_path / "b")
+  pretrain.prepare_tokenizer(_config(prepared), tmp_path / "b")  # the same file: reused
+  with pytest.raises(pretrain.ConfigError, match=r"data.tokenizer: .*other.* is not the "
+                                                 r"tokenizer .*b.* was made with"):
+    pretrain.prepare_tokenizer(_config(prepared, **{"data.tokenizer": str(other)}),
+                               tmp_path / "b")
 
 
 def test_a_damaged_eval_split_is_refused_before_the_first_step(prepared, tmp_path):
