@@ -6,7 +6,9 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -45,12 +47,32 @@ def prog(module: str) -> str:
   return name if name.startswith("bert-jax-") else f"python -m {module}"
 
 
+class Stopped(BaseException):
+  """SIGTERM outside the training loop (which saves a checkpoint on it instead): raised like
+  KeyboardInterrupt, so that an unfinished output is removed on the way out."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> NoReturn:
+  raise Stopped(signum)
+
+
 def run(main: Callable[..., Any], *args: Any) -> Any:
   """Calls main(*args); a user error or a non-finite loss prints one line and exits with the
-  error's code (2 for bad input, 3 for a NaN/Inf loss)."""
+  error's code (2 for bad input, 3 for a NaN/Inf loss); SIGTERM or Ctrl-C outside the training
+  loop one line too, with 128 + the signal's number, after the cleanup of what was being
+  written."""
   setup_logging()
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_stopped) if main_thread else None
   try:
     return main(*args)
+  except (Stopped, KeyboardInterrupt) as e:
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+    _leave(f"error: stopped by {signal.Signals(signum).name}", 128 + signum)
   except BertJaxError as e:
     _leave(f"error: {e}", e.exit_code, now=e.exit_now)
   except _PATH_ERRORS as e:  # a workdir that is a file, a directory given for a file, ...
@@ -63,6 +85,9 @@ def run(main: Callable[..., Any], *args: Any) -> Any:
     if e.errno not in _DISK_ERRNOS:
       raise
     _leave(f"error: {e.filename or 'writing'}: {e.strerror}", 2, now=True)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def _leave(message: str, code: int, now: bool = False) -> None:

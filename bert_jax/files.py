@@ -119,6 +119,9 @@ def replacing_dir(directory: PathLike) -> Iterator[epath.Path]:
   directory = path(directory)
   check_replaceable(directory)
   directory.parent.mkdir(parents=True, exist_ok=True)
+  for stale in directory.parent.iterdir():  # an unfinished write of a process killed outright
+    if stale.name.startswith(f".{directory.name}.") and stale.name.endswith(".tmp"):
+      stale.rmtree()
   tag = uuid.uuid4().hex[:8]
   tmp = directory.with_name(f".{directory.name}.{tag}.tmp")
   tmp.mkdir()

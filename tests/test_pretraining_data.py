@@ -323,6 +323,34 @@ def test_command_line(small, tmp_path):
   assert out.returncode == 2 and "nope*.txt: no such file" in out.stderr
 
 
+@pytest.mark.parametrize("signum,code", [(15, 143), (2, 130)])
+def test_a_stopped_data_step_says_so_and_leaves_nothing_behind(small, tmp_path, signum, code):
+  """SIGTERM (a preemption) or Ctrl-C while the instances are written: exit 128 + the signal
+  with one line, no temporary directory left beside the output (data can be many GB)."""
+  import time
+  corpus, tok, _ = small
+  stale = tmp_path / ".cli.0123abcd.tmp"  # left by a process killed outright (SIGKILL)
+  stale.mkdir()
+  (stale / "input_ids.npy").write_bytes(b"partial")
+  p = subprocess.Popen(
+      [sys.executable, "-m", "bert_jax.data.pretraining", "--input_files", str(corpus),
+       "--tokenizer", tok, "--output_dir", str(tmp_path / "cli"), "--max_seq_length", "64",
+       "--max_predictions_per_seq", "10", "--dupe_factor", "40", "--workers", "1"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and p.poll() is None and not any(
+      q.name.startswith(".cli.") and q != stale for q in tmp_path.iterdir()):
+    time.sleep(0.02)
+  assert p.poll() is None, "the data step ended before it could be stopped"
+  assert not stale.exists()  # an unfinished write of an earlier process is removed first
+  time.sleep(0.5)
+  p.send_signal(signum)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == code, err
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: stopped by")
+  assert sorted(q.name for q in tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- vectorised masking
 
 
