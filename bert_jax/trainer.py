@@ -423,7 +423,7 @@ def _fit(loop: Loop, state: TrainState, step: int, first_bad: Array, stop: StopF
         loop.save(step, state)
         faults.point("trainer.after_save")
     if stopping:
-      log.warning("stopped by a signal at step %d; checkpoint saved", step)
+      log.warning("stopped by a signal at step %d; exiting once its checkpoint is written", step)
       raise SystemExit(128 + (stop.signum or signal.SIGTERM))
   if bar is not None:
     bar.close()
