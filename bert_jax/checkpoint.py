@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -224,7 +224,8 @@ def check_fits(directory: epath.Path, stored: Any, wanted: Any) -> None:
              f"other shapes: {show(shapes)}" if shapes else ""]
     raise CheckpointError(
         f"{directory}: the checkpoint does not hold the state this configuration expects "
-        f"({'; '.join(p for p in parts if p)}); was it written with another model or task?")
+        f"({'; '.join(p for p in parts if p)}); was it written with another model or task, or "
+        "with clipping on where it is now off (train.max_grad_norm=0) or the reverse?")
 
 
 def _metadata(directory: epath.Path) -> Any:
@@ -301,16 +302,22 @@ def _why(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:240]}"
 
 
-def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
+def _try_restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
+                 check_meta: Callable[[epath.Path, dict], None] | None = None
                  ) -> tuple[Any, Any] | str:
   """(state, meta) of `step`, or why its files cannot be read (a string: files missing or cut
   short, values that do not match their checksums). A step that reads but does not fit
-  `abstract_state` raises CheckpointError (no fallback: every step would fail)."""
+  `abstract_state` raises CheckpointError (no fallback: every step would fail); so does what
+  `check_meta(step directory, meta)` raises, called before the state is read."""
   step_dir = epath.Path(mngr.directory) / str(step)
   try:
     stored = _metadata(step_dir / "state")
+    meta = None if check_meta is None else mngr.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - an unreadable step: use an older one
     return _why(e)
+  if check_meta is not None:
+    check_meta(step_dir, meta or {})
   check_fits(step_dir / "state", stored, abstract_state)
   _quiet_orbax_leftovers()
   try:
@@ -352,7 +359,8 @@ def set_aside_diverged(mngr: ocp.CheckpointManager, step: int
   return directory / f"{step}.diverged", next((s for s in steps if s < step), None)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   check_meta: Callable[[epath.Path, dict], None] | None = None
                    ) -> tuple[int, Any, dict[str, Any]] | None:
   """Restores the newest readable step as (step, state, meta); None when there is no step.
 
@@ -363,11 +371,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
   by every process alike; the skipped steps are then renamed `<step>.unreadable` by process 0,
   behind a barrier. Steps that exist but none of which can be read, or a step written for
   another model or optimizer, are a CheckpointError: never a fresh start that would overwrite
-  them.
+  them. `check_meta(step directory, meta)` may refuse a step by what its meta says (the
+  settings it was trained with), before its state is read.
   """
   unreadable, found = {}, None
   for step in _agreed_steps(mngr):
-    got = _try_restore(mngr, step, abstract_state)
+    got = _try_restore(mngr, step, abstract_state, check_meta)
     if isinstance(got, str):
       log.warning("checkpoint step %d in %s is unreadable (%s); trying the one before",
                   step, mngr.directory, got)

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import pathlib
 from typing import Any
 
 import jax
@@ -142,25 +141,13 @@ def model_config(config: ml_collections.ConfigDict, bert: BertConfig) -> BertCon
                       scan_layers=m.scan_layers, attention=m.attention)
 
 
-def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Refuses a workdir that holds the starting point (its checkpoints, best/ and cleanup would
-  overwrite the model being fine-tuned from)."""
-  if not config.init_from or files.is_url(config.init_from) or files.is_url(workdir):
-    return
-  start = pathlib.Path(os.fspath(config.init_from)).resolve()
-  work = pathlib.Path(os.fspath(workdir)).resolve()
-  if start == work or work in start.parents:
-    raise FinetuneError(f"--workdir {workdir} holds init_from={config.init_from}: fine-tuning "
-                        "there would overwrite the starting model; choose another workdir")
-
-
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   from bert_jax import tasks
   trainer.check_counts(config.train, {
       "epochs": 1, "max_steps": 0, "batch_size": 1, "eval_batch_size": 1, "grad_accum": 1,
       "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1})
   sharding.init_distributed()
-  _check_workdir(config, workdir)
+  trainer.check_workdir_apart(config.init_from, "init_from", workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   bert, encoder_params, tok_path = load_start(config)
   tok = tokenizer.load(tok_path)
@@ -214,12 +201,30 @@ def _plan_packing(task, t: ml_collections.ConfigDict, mesh, steps: int, steps_pe
   return packer
 
 
+# What a resumed run may change (trainer.check_resume): freely, the cadence, the placement, the
+# compute form and what happens after training (predictions, SQuAD's answer decoding); with a
+# warning, the optimisation settings, the run's length and how the best epoch is chosen. The
+# labels are checked against the checkpoint's head instead. Anything else (the batch size or
+# seed, which set the examples of each step; the model, its layout; the data) is refused.
+RESUME_FREE = {"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.progress_bar", "train.num_devices", "train.fsdp", "train.grad_accum",
+               "train.eval_batch_size", "model.dtype", "model.remat", "model.attention",
+               "data.predict_file", "data.id_column", "data.n_best_size",
+               "data.max_answer_length", "data.null_score_diff_threshold", "data.labels",
+               "data.regression"}
+RESUME_WARNED = {"train.epochs", "train.max_steps", "train.learning_rate",
+                 "train.warmup_fraction", "train.weight_decay", "train.max_grad_norm",
+                 "train.dropout", "train.metric", "data.eval_file"}
+
+
 def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:
   """The newest readable checkpoint of this workdir, else fresh head(s) over the starting
   encoder; laid out on the current mesh. Returns (state, checkpoint meta)."""
   seed = run.config.train.seed
   restored = checkpoint.restore_latest(
-      mngr, trainer.abstract_state(run.objective, run.tx, run.mesh, seed))
+      mngr, trainer.abstract_state(run.objective, run.tx, run.mesh, seed),
+      lambda where, meta: trainer.check_resume(where, meta.get("config"), run.config,
+                                               RESUME_FREE, RESUME_WARNED))
   if restored is not None:
     step, state, meta = restored
     trained = meta.get("task", {})
@@ -275,7 +280,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[
       should_checkpoint=lambda step: step % every == 0,
       save=lambda step, st: checkpoint.save(
           mngr, step, st, {"best": best["value"], "model_config": run.bert.to_dict(),
-                           "task": run.task.description}),
+                           "task": run.task.description, "config": config.to_dict()}),
       set_aside=lambda step: checkpoint.set_aside_diverged(mngr, step),
       writer=writer, progress_bar=t.progress_bar,
       steps_from=(f"train.max_steps={t.max_steps}" if run.steps == t.max_steps

@@ -247,6 +247,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
       "steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every": 1,
       "keep_checkpoints": 1, "eval_every": 0, "eval_batches": 0, "warmup_steps": 0})
   sharding.init_distributed()
+  trainer.check_workdir_apart(config.train.init_from, "train.init_from", workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.train.num_devices or None, config.train.fsdp)
   check_data_config(config)
@@ -287,12 +288,27 @@ def _check_eval_split(data_dir: epath.Path, manifest: dict) -> bool:
 # ----------------------------------------------------------------------------- state
 
 
+# What a resumed run may change (trainer.check_resume): freely, the cadence, the placement and
+# the compute form (the loader itself warns about another batch size or seed and continues in
+# its order); with a warning, the optimisation settings. Anything else is refused.
+RESUME_FREE = {"train.log_every", "train.eval_every", "train.eval_batches",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.progress_bar",
+               "train.num_devices", "train.fsdp", "train.grad_accum", "train.batch_size",
+               "train.seed", "model.dtype", "model.remat", "model.attention"}
+RESUME_WARNED = {"train.steps", "train.learning_rate", "train.warmup_steps", "train.decay",
+                 "train.end_lr_fraction", "train.weight_decay", "train.b1", "train.b2",
+                 "train.eps", "train.max_grad_norm", "model.hidden_dropout",
+                 "model.attention_dropout", "train.init_from"}
+
+
 def initial_state(s: Setup, config: ml_collections.ConfigDict, mngr
                   ) -> tuple[trainer.TrainState, dict | None]:
   """The newest readable checkpoint of this workdir, else phase-1 weights, else fresh; laid out
   on the current mesh."""
   abstract = trainer.abstract_state(s.objective, s.tx, s.mesh, config.train.seed)
-  restored = checkpoint.restore_latest(mngr, abstract)
+  restored = checkpoint.restore_latest(
+      mngr, abstract, lambda where, meta: trainer.check_resume(
+          where, meta.get("config"), config, RESUME_FREE, RESUME_WARNED))
   if restored is not None:
     step, state, meta = restored
     log.info("resuming from step %d in %s", step, mngr.directory)

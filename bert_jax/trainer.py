@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import os
+import pathlib
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bert_jax import faults, sharding
+from bert_jax import faults, files, sharding
 from bert_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -221,6 +224,49 @@ def check_counts(section: Any, minimums: dict[str, int], prefix: str = "train") 
     value = section[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise ConfigError(f"{prefix}.{name}={value!r}: expected a whole number >= {minimum}")
+
+
+def check_workdir_apart(init_from: str, field: str, workdir: Any) -> None:
+  """Refuses a workdir that holds the starting point `init_from` (the run would resume or
+  overwrite it: its checkpoints rotated away, its exports replaced)."""
+  if not init_from or files.is_url(init_from) or files.is_url(workdir):
+    return
+  start = pathlib.Path(os.fspath(init_from)).resolve()
+  work = pathlib.Path(os.fspath(workdir)).resolve()
+  if start == work or work in start.parents:
+    raise ConfigError(f"--workdir {workdir} holds {field}={init_from}: training there would "
+                      "overwrite the starting model; choose another workdir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume(where: Any, saved: dict | None, config: Any, free: set[str],
+                 warned: set[str]) -> None:
+  """Compares the settings a checkpoint was trained with (`saved`, the config its meta keeps)
+  with this run's `config`: a changed field in `free` (cadence, placement, compute form) passes,
+  one in `warned` (optimisation settings a user may mean to change) is logged, and any other
+  (the model, its layout, the optimizer, the data, the order of the examples) is refused naming
+  the fields: the run would otherwise go on silently as another one. Fields one side lacks (a
+  checkpoint older than the field) are not compared."""
+  if not saved:
+    return
+  then, now = _flat(saved), _flat(json.loads(config.to_json()))
+  changed = sorted(k for k in then.keys() & now.keys() if then[k] != now[k] and k not in free)
+  show = lambda keys: "; ".join(f"{k}={now[k]!r} (the checkpoint's {then[k]!r})" for k in keys)  # noqa: E731
+  refused = [k for k in changed if k not in warned]
+  if refused:
+    raise ConfigError(f"{where} was trained with other settings: {show(refused)}; a resumed run "
+                      "keeps them: restore them, or use another workdir")
+  if changed and jax.process_index() == 0:
+    log.warning("resuming with changed settings: %s", show(changed))
 
 
 class StopFlag:

@@ -12,6 +12,7 @@ import pytest
 from bert_jax import checkpoint, tokenizer
 from bert_jax.data import pretraining
 from bert_jax.data.errors import DataError
+from bert_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,12 @@ def test_classification_smoke_and_resume(model_dir, tmp_path):
                      r"this run's data gives .*'labels': \['1', '0'\]"):
     finetune.main(config, work)
   config.data.labels = ""
+  # Another batch size would map the checkpoint's step to other examples of the epoch.
+  batch_size, config.train.batch_size = config.train.batch_size, 4
+  with pytest.raises(ConfigError, match=r"was trained with other settings: "
+                                        r"train.batch_size=4 \(the checkpoint's \d+\)"):
+    finetune.main(config, work)
+  config.train.batch_size = batch_size
   best = finetune.main(config, work)
   steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"]

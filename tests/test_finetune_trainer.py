@@ -239,5 +239,5 @@ def test_a_workdir_holding_the_starting_model_is_refused(model_dir, tmp_path, in
   # The model itself, or the workdir above it (like a previous run's best/ export).
   work = model_dir.parent if inside else model_dir
   config = _classify_config(model_dir, tmp_path)
-  with pytest.raises(finetune.FinetuneError, match="holds init_from=.*overwrite the starting"):
+  with pytest.raises(finetune.ConfigError, match="holds init_from=.*overwrite the starting"):
     finetune.main(config, work)

@@ -101,6 +101,27 @@ def test_smoke_run_logs_checkpoints_and_evaluates(prepared, tmp_path, caplog):
   with pytest.raises(pretrain.ConfigError, match=r"checkpoint is at step 2, past train.steps=1"):
     pretrain.main(_config(prepared, **{"train.steps": 1}), tmp_path)
   assert set(_losses(tmp_path)) == {1, 2}
+  # A resume keeps what the checkpoint was trained with: another layout, optimizer or model is
+  # refused naming the fields; optimisation settings may change, with a warning naming them.
+  with pytest.raises(pretrain.ConfigError, match=r"checkpoints/2 was trained with other "
+                     r"settings: model.scan_layers=True \(the checkpoint's False\); "
+                     r"train.optimizer='lamb' \(the checkpoint's 'adamw'\)"):
+    pretrain.main(_config(prepared, **{"model.scan_layers": True, "train.optimizer": "lamb"}),
+                  tmp_path)
+  caplog.clear()
+  pretrain.main(_config(prepared, **{"train.learning_rate": 0.5, "train.log_every": 2,
+                                     "train.num_devices": 2}), tmp_path)
+  assert "resuming with changed settings: train.learning_rate=0.5 (the checkpoint's " in caplog.text
+  assert "log_every" not in caplog.text and "num_devices" not in caplog.text
+
+
+def test_phase_two_in_its_own_phase_one_workdir_is_refused(prepared, tmp_path):
+  """It would resume phase 1 (init_from unused) and rotate its checkpoints away."""
+  from bert_jax import pretrain
+  with pytest.raises(pretrain.ConfigError, match=r"holds train.init_from=.*would overwrite the "
+                                                 r"starting model"):
+    pretrain.main(_config(prepared, **{"train.init_from": str(tmp_path / "checkpoints" / "2")}),
+                  tmp_path)
 
 
 def test_phase_two_starts_from_phase_one(prepared, tmp_path, caplog):
