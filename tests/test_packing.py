@@ -336,7 +336,9 @@ def test_packed_pretraining_data_keeps_every_instance(prepared, packed_data):  #
   for split in ("train", "eval"):
     s = m["splits"][split]
     assert s["packing"]["examples"] == plain["splits"][split]["num_instances"]
-    assert s["stats"]["tokens"] == plain["splits"][split]["stats"]["tokens"]
+    assert s["num_instances"] == s["packing"]["rows"] < s["packing"]["examples"]  # the rows
+    for stat in ("instances", "tokens", "random_next"):  # instances, not rows
+      assert s["stats"][stat] == plain["splits"][split]["stats"][stat], stat
     assert s["packing"]["padding_share_unpacked"] == plain["splits"][split]["padding_share"]
     assert s["packing"]["padding_share"] < s["packing"]["padding_share_unpacked"]
   batch = PretrainingLoader(data_dir, "train", 64, seed=3).__next__()
@@ -353,6 +355,25 @@ def test_packed_pretraining_data_keeps_every_instance(prepared, packed_data):  #
     assert n_masked == min(10, max(1, round(real * 0.15)))  # per row
     picked = batch["masked_lm_positions"][r, :int(n_masked)]
     assert np.all(picked < real) and not np.isin(picked, starts).any()
+
+
+def test_a_packed_row_cannot_number_more_instances_than_its_stored_mask_holds(
+    prepared, tmp_path):  # noqa: F811
+  """A packed row numbers its instances in input_mask, stored as int8: from the 128th on they
+  would read as padding (a row of 1,024 tokens can hold 200 instances of 5)."""
+  from test_pretrain import _config
+
+  from bert_jax import pretrain
+  corpus = pretraining.read_manifest(prepared["data.data_dir"])["args"]["input_files"]
+  with pytest.raises(ValueError, match=r"max_examples_per_row=128: expected at most 127"):
+    pretraining.create_pretraining_data(corpus, prepared["data.tokenizer"], str(tmp_path / "d"),
+                                        max_seq_length=1024, pack=True, max_examples_per_row=128)
+  config = _config(prepared, **{"data.packing": True, "data.max_examples_per_row": 128,
+                                "data.max_seq_length": 1024, "model.max_position_embeddings": 1024})
+  with pytest.raises(pretrain.ConfigError, match=r"data.max_examples_per_row=128: expected at "
+                                                 r"most 127"):
+    pretrain.check_data_config(config)
+  assert not (tmp_path / "d").exists()
 
 
 def test_a_packed_pretraining_checkpoint_fine_tunes_unpacked(prepared, packed_data, model_dir,  # noqa: F811

@@ -127,8 +127,9 @@ class PretrainingLoader:
       raise ValueError("pad_remainder is for one pass over the data (num_epochs=1)")
     self.pad_remainder = pad_remainder
     if n < global_batch_size and not pad_remainder:
-      raise DataError(f"{data_dir}: the {split} split holds {n} instances, fewer than one "
-                      f"global batch of {global_batch_size}")
+      raise DataError(f"{data_dir}: the {split} split holds {n} "
+                      f"{'packed rows' if self.manifest.get('packed') else 'instances'}, fewer "
+                      f"than one global batch of {global_batch_size}")
     self.global_batch_size, self.seed = global_batch_size, seed
     self.local = global_batch_size // process_count
     self.offset = process_index * self.local

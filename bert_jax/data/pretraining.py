@@ -50,6 +50,7 @@ from bert_jax import cli, faults, packing
 from bert_jax import files as storage  # `files` names the input files here
 from bert_jax.data.errors import DataError
 from bert_jax.data.text import check_files, expand_files, iter_lines
+from bert_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ STORED_DTYPES = {"input_ids": np.int32, "input_mask": np.int8, "segment_ids": np
                  "position_ids": np.int16, "cls_positions": np.int16, "example_mask": np.int8}
 UNMASKED = ("input_ids", "input_mask", "segment_ids", "next_sentence_labels")
 PACKED = ("position_ids", "cls_positions", "example_mask")  # the extra features of packed rows
+# A packed row numbers its instances 1, 2, ... in input_mask (0 = padding), stored as int8.
+MAX_EXAMPLES_PER_ROW = int(np.iinfo(STORED_DTYPES["input_mask"]).max)
 MANIFEST = "manifest.json"
 WORD_STARTS = "word_starts.npy"
 
@@ -441,6 +444,7 @@ class _ShardWriter:
     self.buffer: list[dict[str, np.ndarray]] = []
     self.buffered = 0
     self.shards: list[dict[str, Any]] = []
+    self.rows = 0
     self.stats = {"instances": 0, "random_next": 0, "masked": 0, "maskable": 0, "tokens": 0}
 
   def add(self, arrays: dict[str, np.ndarray]) -> None:
@@ -448,8 +452,9 @@ class _ShardWriter:
       return
     n = len(arrays["input_ids"])
     lengths = (arrays["input_mask"] > 0).sum(1, dtype=np.int64)
-    examples = arrays["example_mask"].sum() if "example_mask" in arrays else n
-    self.stats["instances"] += n
+    examples = int(arrays["example_mask"].sum()) if "example_mask" in arrays else n
+    self.rows += n
+    self.stats["instances"] += examples
     self.stats["random_next"] += int(arrays["next_sentence_labels"].sum())
     self.stats["tokens"] += int(lengths.sum())
     if "masked_lm_weights" in arrays:
@@ -463,8 +468,7 @@ class _ShardWriter:
   def close(self) -> dict[str, Any]:
     if self.buffered:
       self._flush(self.buffered)
-    return {"num_instances": self.stats["instances"], "shards": self.shards,
-            "stats": self.stats}
+    return {"num_instances": self.rows, "shards": self.shards, "stats": self.stats}
 
   def _flush(self, n: int) -> None:
     merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
@@ -542,6 +546,17 @@ def _split_documents(corpus: Corpus, eval_fraction: float, seed: int
   return {"train": np.sort(perm[n_eval:]), "eval": np.sort(perm[:n_eval])}
 
 
+def check_examples_per_row(name: str, value: int, max_seq_length: int) -> None:
+  """The cap K of instances per packed row (ConfigError naming `name`): fixed (the rows' shape),
+  within the row and within what the stored input_mask can number."""
+  packing.check_examples_per_row(name, value, max_seq_length)
+  if value < 1:
+    raise ConfigError(f"{name}=0: packed pretraining rows need a fixed cap")
+  if value > MAX_EXAMPLES_PER_ROW:
+    raise ConfigError(f"{name}={value}: expected at most {MAX_EXAMPLES_PER_ROW} (a packed row "
+                      "numbers its instances in input_mask, stored as int8)")
+
+
 def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer_path: str,
                             output_dir: str | pathlib.Path, *, max_seq_length: int = 128,
                             max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15,
@@ -562,9 +577,7 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
     raise ValueError("masked_lm_prob must be in (0, 1), max_predictions_per_seq and dupe_factor "
                      ">= 1")
   if pack:
-    packing.check_examples_per_row("max_examples_per_row", max_examples_per_row, max_seq_length)
-    if max_examples_per_row < 1:
-      raise ValueError("max_examples_per_row must be >= 1 when packing (a fixed shape)")
+    check_examples_per_row("max_examples_per_row", max_examples_per_row, max_seq_length)
   tok = tokenizers.load(tokenizer_path)
   if workers is None:
     size = sum(p.stat().st_size for p in files)
@@ -608,7 +621,7 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
         raise DataError(f"{', '.join(map(str, files))}: the {split} split gave no instances")
     shutil.rmtree(tmp / "corpus")
     seconds = time.perf_counter() - started
-    total = sum(s["num_instances"] for s in splits.values())
+    total = sum(s["stats"]["instances"] for s in splits.values())
     manifest = {
         "format": FORMAT, "max_seq_length": max_seq_length,
         "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
@@ -633,8 +646,9 @@ def create_pretraining_data(input_files: Sequence[str | pathlib.Path], tokenizer
     del corpus
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
   log.info("%s: %d instances (%s) in %.1f s, %.0f instances/s", out, total,
-           ", ".join(f"{k} {v['num_instances']}" for k, v in splits.items()), seconds,
-           total / seconds)
+           ", ".join(f"{k} {v['stats']['instances']}"
+                     + (f" in {v['num_instances']} rows" if pack else "")
+                     for k, v in splits.items()), seconds, total / seconds)
   return manifest
 
 
@@ -708,7 +722,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         dynamic_masking=a.dynamic_masking, eval_fraction=a.eval_fraction, workers=a.workers,
         shard_size=a.shard_size, pack=a.pack, max_examples_per_row=a.max_examples_per_row)
   print(json.dumps({k: m[k] for k in ("corpus", "seconds", "instances_per_s")} | {
-      k: {"instances": v["num_instances"], **v["stats"], "padding_share": v["padding_share"],
+      k: {"rows": v["num_instances"], **v["stats"], "padding_share": v["padding_share"],
           **v.get("packing", {})} for k, v in m["splits"].items()}))
 
 
