@@ -148,7 +148,6 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
       "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1})
   sharding.init_distributed()
   trainer.check_workdir_apart(config.init_from, "init_from", workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   bert, encoder_params, tok_path = load_start(config)
   tok = tokenizer.load(tok_path)
   check_vocab(bert, tok.vocab_size, tok_path)
@@ -180,6 +179,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
                             max_grad_norm=t.max_grad_norm)
   packer = _plan_packing(task, t, mesh, steps, steps_per_epoch) if task.packing else None
   objective = task.objective(bert, packer.max_per_row if packer else 0)
+  workdir.mkdir(parents=True, exist_ok=True)  # the checks above write nothing
   return Run(config, workdir, task, bert, tok_path, mesh, objective, tx, schedule, steps,
              steps_per_epoch, encoder_params, packer)
 

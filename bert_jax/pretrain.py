@@ -138,9 +138,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path,
   loader memory-maps its shards)."""
   d = config.data
   data_dir = files.path(d.data_dir) if d.data_dir else workdir / "data"
-  if d.data_dir and not (data_dir / "manifest.json").exists():
-    raise ConfigError(f"data.data_dir: {data_dir} has no manifest.json (create it with "
-                      "python -m bert_jax.data.pretraining, or leave data_dir empty)")
   if not d.data_dir and (data_dir / "manifest.json").exists():
     from bert_jax.data import pretraining
     check_recipe(config, data_dir, pretraining.read_manifest(data_dir))
@@ -179,6 +176,9 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   """What must hold before any data is written (a bad value would otherwise be baked into the
   workdir's data and fail every corrected rerun)."""
   d, m = config.data, config.model
+  if d.data_dir and not (files.path(d.data_dir) / "manifest.json").exists():
+    raise ConfigError(f"data.data_dir: {d.data_dir} has no manifest.json (create it with "
+                      "python -m bert_jax.data.pretraining, or leave data_dir empty)")
   if not d.tokenizer and d.tokenizer_type not in ("bpe", "unigram"):
     raise ConfigError(f"data.tokenizer_type={d.tokenizer_type!r}: expected 'bpe' or 'unigram' "
                       "(a WordPiece vocab.txt is given as data.tokenizer)")
@@ -189,10 +189,9 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"data.max_seq_length={d.max_seq_length}: expected >= 5 ([CLS] A [SEP] B "
                       "[SEP])")
   if d.packing:
-    packing.check_examples_per_row("data.max_examples_per_row", d.max_examples_per_row,
-                                   d.max_seq_length)
-    if d.max_examples_per_row < 1:
-      raise ConfigError("data.max_examples_per_row=0: packed pretraining rows need a fixed cap")
+    from bert_jax.data import pretraining
+    pretraining.check_examples_per_row("data.max_examples_per_row", d.max_examples_per_row,
+                                       d.max_seq_length)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
@@ -207,11 +206,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> BertConf
                      attention=m.attention)
 
 
-def check_config(config: ml_collections.ConfigDict, bert: BertConfig, mesh, manifest: dict
-                 ) -> None:
+def check_config(config: ml_collections.ConfigDict, bert: BertConfig, manifest: dict) -> None:
   """Refuses a configuration that cannot run, before any compilation."""
-  t = config.train
-  sharding.check_batch_size("train.batch_size", t.batch_size, mesh, t.grad_accum)
   seq = int(manifest["max_seq_length"])
   if seq > bert.max_position_embeddings:
     raise ConfigError(f"max_seq_length {seq} exceeds the position table "
@@ -248,9 +244,11 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
       "keep_checkpoints": 1, "eval_every": 0, "eval_batches": 0, "warmup_steps": 0})
   sharding.init_distributed()
   trainer.check_workdir_apart(config.train.init_from, "train.init_from", workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.train.num_devices or None, config.train.fsdp)
+  sharding.check_batch_size("train.batch_size", config.train.batch_size, mesh,
+                            config.train.grad_accum)
   check_data_config(config)
+  workdir.mkdir(parents=True, exist_ok=True)  # the checks above write nothing
   tok_path = prepare_tokenizer(config, workdir)
   tok = tokenizer.load(tok_path)
   data_dir = prepare_data(config, workdir, tok_path)
@@ -261,7 +259,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Setup:
     raise ConfigError(f"{data_dir} was made with another tokenizer (fingerprint "
                       f"{fingerprint[:12]}), not {tok_path} ({tok.fingerprint[:12]})")
   bert = model_config(config, tok.vocab_size)
-  check_config(config, bert, mesh, manifest)
+  check_config(config, bert, manifest)
   t = config.train
   schedule = optim.learning_rate_schedule(t.learning_rate, t.warmup_steps, t.steps, t.decay,
                                           t.end_lr_fraction)

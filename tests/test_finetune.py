@@ -212,6 +212,9 @@ def test_bad_input_is_named_and_nothing_is_lost(model_dir, tmp_path):
                                                "data.text_a": "0", "data.label": "1"})
   with pytest.raises(DataError, match=r"cols.tsv:3: expected 2 columns, got 3"):
     finetune.main(c, work)
+  with pytest.raises(DataError, match=r"cols.tsv:3"):  # refused before its workdir is made
+    finetune.main(c, tmp_path / "new")
+  assert not (tmp_path / "new").exists()
   unseen = _tsv(tmp_path / "unseen.tsv", ["some text\t0", "more text\t7"])
   c = _classify_config(model_dir, tmp_path, **{"data.eval_file": str(unseen)})
   with pytest.raises(DataError, match=r"unseen.tsv:3: label '7' was not seen in training"):

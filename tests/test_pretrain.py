@@ -209,7 +209,9 @@ def test_non_finite_loss_stops_with_the_step(prepared, tmp_path):
 def test_bad_configuration_is_refused(prepared, tmp_path, overrides, message):
   from bert_jax import pretrain
   with pytest.raises(pretrain.ConfigError, match=message):
-    pretrain.main(_config(prepared, **{"train.num_devices": 8, **overrides}), tmp_path)
+    pretrain.main(_config(prepared, **{"train.num_devices": 8, **overrides}), tmp_path / "w")
+  if "model.vocab_size" not in overrides:  # refused before the workdir gets its tokenizer
+    assert not (tmp_path / "w").exists()
 
 
 def _corpus(prepared) -> str:
