@@ -203,7 +203,8 @@ def _plan_packing(task, t: ml_collections.ConfigDict, mesh, steps: int, steps_pe
 
 # What a resumed run may change (trainer.check_resume): freely, the cadence, the placement, the
 # compute form and what happens after training (predictions, SQuAD's answer decoding); with a
-# warning, the optimisation settings, the run's length and how the best epoch is chosen. The
+# warning, the optimisation settings, the run's length, how the best epoch is chosen and the
+# paths (a run moves between machines: another path may hold the same model or data). The
 # labels are checked against the checkpoint's head instead. Anything else (the batch size or
 # seed, which set the examples of each step; the model, its layout; the data) is refused.
 RESUME_FREE = {"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -214,7 +215,8 @@ RESUME_FREE = {"train.log_every", "train.checkpoint_every", "train.keep_checkpoi
                "data.regression"}
 RESUME_WARNED = {"train.epochs", "train.max_steps", "train.learning_rate",
                  "train.warmup_fraction", "train.weight_decay", "train.max_grad_norm",
-                 "train.dropout", "train.metric", "data.eval_file"}
+                 "train.dropout", "train.metric", "data.eval_file", "data.train_file",
+                 "init_from", "tokenizer"}
 
 
 def initial_state(run: Run, mngr) -> tuple[trainer.TrainState, dict]:

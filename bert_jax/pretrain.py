@@ -288,7 +288,9 @@ def _check_eval_split(data_dir: epath.Path, manifest: dict) -> bool:
 
 # What a resumed run may change (trainer.check_resume): freely, the cadence, the placement and
 # the compute form (the loader itself warns about another batch size or seed and continues in
-# its order); with a warning, the optimisation settings. Anything else is refused.
+# its order); with a warning, the optimisation settings and the paths (a workdir moves between
+# machines and buckets; the workdir's tokenizer and data are checked by their own contents).
+# Anything else is refused.
 RESUME_FREE = {"train.log_every", "train.eval_every", "train.eval_batches",
                "train.checkpoint_every", "train.keep_checkpoints", "train.progress_bar",
                "train.num_devices", "train.fsdp", "train.grad_accum", "train.batch_size",
@@ -296,7 +298,8 @@ RESUME_FREE = {"train.log_every", "train.eval_every", "train.eval_batches",
 RESUME_WARNED = {"train.steps", "train.learning_rate", "train.warmup_steps", "train.decay",
                  "train.end_lr_fraction", "train.weight_decay", "train.b1", "train.b2",
                  "train.eps", "train.max_grad_norm", "model.hidden_dropout",
-                 "model.attention_dropout", "train.init_from"}
+                 "model.attention_dropout", "train.init_from", "data.data_dir",
+                 "data.tokenizer", "data.input_files"}
 
 
 def initial_state(s: Setup, config: ml_collections.ConfigDict, mngr
