@@ -211,7 +211,8 @@ RESUME_FREE = {"train.log_every", "train.checkpoint_every", "train.keep_checkpoi
                "train.progress_bar", "train.num_devices", "train.fsdp", "train.grad_accum",
                "train.eval_batch_size", "model.dtype", "model.remat", "model.attention",
                "data.predict_file", "data.id_column", "data.n_best_size",
-               "data.max_answer_length", "data.null_score_diff_threshold", "data.labels",
+               "data.max_answer_length", "data.null_score_diff_threshold", "data.language",
+               "data.labels",
                "data.regression"}
 RESUME_WARNED = {"train.epochs", "train.max_steps", "train.learning_rate",
                  "train.warmup_fraction", "train.weight_decay", "train.max_grad_norm",

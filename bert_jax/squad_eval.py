@@ -6,7 +6,12 @@ Scoring follows the official evaluation scripts: answers are normalised (lower c
 punctuation, articles a/an/the and extra whitespace removed), exact match and bag-of-token F1 take
 the max over the gold answers. v1.1 scores an unanswered question 0 (and says so on stderr);
 v2.0 scores only the answered ids, counts "" as the answer to an unanswerable question and, given
-no-answer probabilities, finds the best no-answer threshold.
+no-answer probabilities, finds the best no-answer threshold. Question ids are compared as text.
+
+Chinese data (language "zh", e.g. CMRC 2018) is scored as CMRC 2018's evaluation does: lower
+case, its punctuation list removed, every Chinese character a token, runs of other characters
+cut into words and symbols; F1 counts the longest common run of tokens, exact match compares the
+texts without that punctuation. The language is chosen per data set (`choose_language`).
 
 Decoding (`decode`) turns per-window start/end logits into predictions.json, nbest_predictions.json
 and null_odds.json contents with the original BERT run_squad post-processing, reading the answer
@@ -22,17 +27,19 @@ import math
 import re
 import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from bert_jax import cli
+from bert_jax import cli, tokenizer
 from bert_jax.data.errors import DataError
-from bert_jax.data.squad import load_json
+from bert_jax.data.squad import iter_questions, load_json
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
+_CJK = re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in tokenizer.CJK_RANGES) + "]")
+LANGUAGES = ("auto", "en", "zh")
 
 
 # ----------------------------------------------------------------------------- answer scoring
@@ -44,20 +51,69 @@ def normalize_answer(s: str) -> str:
   return " ".join(_ARTICLES.sub(" ", s).split())
 
 
-def exact_score(gold: str, pred: str) -> int:
-  return int(normalize_answer(gold) == normalize_answer(pred))
+# CMRC 2018's evaluation: the characters it removes (its list; no ASCII . , ( ), and "……" as one
+# entry never matches a character) and what it counts as a Chinese character (U+4E00-U+9FA5).
+_PUNCTUATION_ZH = frozenset("-:_*^/\\~`+=，。：？！“”；’《》·、「」（）－～『』")
+_HAN = re.compile("[\u4e00-\u9fa5]")
+_LATIN_TOKEN = re.compile(r"\w+|[^\w\s]")  # NLTK's word_tokenize, which CMRC uses, for a run
 
 
-def f1_score(gold: str, pred: str, *, empty_agrees: bool = True) -> float:
-  """Bag-of-tokens F1 of the normalised answers.
+def normalize_answer_zh(s: str) -> str:
+  """CMRC 2018's exact-match form: lower case, outer whitespace stripped, its punctuation
+  removed."""
+  return "".join(ch for ch in s.lower().strip() if ch not in _PUNCTUATION_ZH)
+
+
+def segment_zh(s: str) -> list[str]:
+  """CMRC 2018's "mixed segmentation" without punctuation: lower case, its punctuation removed
+  first ("ω-force" is one run), each Chinese character a token, the runs of other characters
+  cut into words and symbols (NLTK's tokenizer there; `\\w+|[^\\w\\s]` here, offline)."""
+  out, run = [], []
+  for ch in s.lower().strip():
+    if ch in _PUNCTUATION_ZH:
+      continue
+    if _HAN.match(ch):
+      out += _LATIN_TOKEN.findall("".join(run)) + [ch]
+      run = []
+    else:
+      run.append(ch)
+  return out + _LATIN_TOKEN.findall("".join(run))
+
+
+def _longest_common_run(a: Sequence[str], b: Sequence[str]) -> int:
+  """Length of the longest contiguous token sequence that both `a` and `b` hold."""
+  best, prev = 0, [0] * (len(b) + 1)
+  for x in a:
+    cur = [0] + [prev[j] + 1 if x == y else 0 for j, y in enumerate(b)]
+    best, prev = max(best, *cur), cur
+  return best
+
+
+def _normalize(s: str, language: str) -> str:
+  return normalize_answer_zh(s) if language == "zh" else normalize_answer(s)
+
+
+def exact_score(gold: str, pred: str, language: str = "en") -> int:
+  return int(_normalize(gold, language) == _normalize(pred, language))
+
+
+def f1_score(gold: str, pred: str, *, empty_agrees: bool = True, language: str = "en") -> float:
+  """F1 of the normalised answers' tokens: "en" counts the tokens in common (a bag), "zh" the
+  longest run of tokens in common (CMRC 2018).
 
   `empty_agrees` (v2.0): when either side normalises to nothing, 1 if both do, else 0.
   Without it (v1.1), no common token means 0, even for two empty answers.
   """
-  gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
+  if language == "zh":
+    gold_toks, pred_toks = segment_zh(gold), segment_zh(pred)
+  else:
+    gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
   if empty_agrees and (not gold_toks or not pred_toks):
     return int(gold_toks == pred_toks)
-  num_same = sum((collections.Counter(gold_toks) & collections.Counter(pred_toks)).values())
+  if language == "zh":
+    num_same = _longest_common_run(gold_toks, pred_toks)
+  else:
+    num_same = sum((collections.Counter(gold_toks) & collections.Counter(pred_toks)).values())
   if num_same == 0:
     return 0
   precision = 1.0 * num_same / len(pred_toks)
@@ -66,45 +122,50 @@ def f1_score(gold: str, pred: str, *, empty_agrees: bool = True) -> float:
 
 
 def _questions(dataset: list[dict]):
-  for article in dataset:
-    for paragraph in article["paragraphs"]:
-      yield from paragraph["qas"]
+  """(id as text, gold answer texts, question) per question of the "data" list, checked."""
+  for qa, _, _, _ in iter_questions({"data": dataset}):
+    answers = qa.get("answers", [])
+    if not isinstance(answers, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers):
+      raise DataError(f"question {str(qa['id'])!r}: 'answers' must be a list of objects with a "
+                      f"'text', got {answers!r}")
+    yield str(qa["id"]), [a["text"] for a in answers], qa
 
 
-def evaluate_v1(dataset: list[dict], predictions: dict[str, str]) -> dict[str, float]:
+def evaluate_v1(dataset: list[dict], predictions: dict[str, str], language: str = "en"
+                ) -> dict[str, float]:
   """Official v1.1 scores of `predictions` {id: text} on `dataset` (the JSON's "data" list).
 
   Returns {"exact_match", "f1"} in percent; a question without a prediction scores 0.
   """
   exact = f1 = total = 0
-  for qa in _questions(dataset):
+  for qid, golds, _ in _questions(dataset):
     total += 1
-    if qa["id"] not in predictions:
-      print(f"Unanswered question {qa['id']} will receive score 0.", file=sys.stderr)
+    if qid not in predictions:
+      print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
       continue
-    golds, pred = [a["text"] for a in qa["answers"]], predictions[qa["id"]]
+    pred = predictions[qid]
     if not golds:
-      raise DataError(f"question {qa['id']!r} has no answers: a v1.1 file needs at least one "
+      raise DataError(f"question {qid!r} has no answers: a v1.1 file needs at least one "
                       "per question (SQuAD v2.0 marks unanswerable ones with is_impossible)")
-    exact += max(exact_score(g, pred) for g in golds)
-    f1 += max(f1_score(g, pred, empty_agrees=False) for g in golds)
+    exact += max(exact_score(g, pred, language) for g in golds)
+    f1 += max(f1_score(g, pred, empty_agrees=False, language=language) for g in golds)
   return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
 
 
-def raw_scores_v2(dataset: list[dict], predictions: dict[str, str]
+def raw_scores_v2(dataset: list[dict], predictions: dict[str, str], language: str = "en"
                   ) -> tuple[dict[str, int], dict[str, float], dict[str, bool]]:
   """Per-question v2.0 exact and F1 (answered ids only) and whether each question has an answer."""
   exact, f1, has_ans = {}, {}, {}
-  for qa in _questions(dataset):
-    qid = qa["id"]
-    has_ans[qid] = bool(qa["answers"])
-    golds = [a["text"] for a in qa["answers"] if normalize_answer(a["text"])] or [""]
+  for qid, golds, _ in _questions(dataset):
+    has_ans[qid] = bool(golds)
+    golds = [g for g in golds if _normalize(g, language)] or [""]
     if qid not in predictions:
       print(f"Missing prediction for {qid}", file=sys.stderr)
       continue
     pred = predictions[qid]
-    exact[qid] = max(exact_score(g, pred) for g in golds)
-    f1[qid] = max(f1_score(g, pred) for g in golds)
+    exact[qid] = max(exact_score(g, pred, language) for g in golds)
+    f1[qid] = max(f1_score(g, pred, language=language) for g in golds)
   return exact, f1, has_ans
 
 
@@ -143,14 +204,14 @@ def find_best_thresh(predictions: dict[str, str], scores: dict[str, float],
 
 def evaluate_v2(dataset: list[dict], predictions: dict[str, str],
                 na_probs: dict[str, float] | None = None,
-                na_prob_thresh: float = 1.0) -> dict[str, Any]:
+                na_prob_thresh: float = 1.0, language: str = "en") -> dict[str, Any]:
   """Official v2.0 scores: exact, f1, total and the HasAns_/NoAns_ breakdown, in percent.
 
   With `na_probs` {id: no-answer probability or score} also best_exact/best_f1 and their
   thresholds. Unlike the official script (which crashes), missing predictions are left out of
   every total instead of only the overall one.
   """
-  exact_raw, f1_raw, has_ans = raw_scores_v2(dataset, predictions)
+  exact_raw, f1_raw, has_ans = raw_scores_v2(dataset, predictions, language)
   if not exact_raw:
     raise DataError(f"none of the {len(predictions)} predictions is for a question of the data "
                     f"file (its {len(has_ans)} ids look like {next(iter(has_ans), '')!r})")
@@ -178,18 +239,33 @@ def is_v2(dataset_json: dict) -> bool:
   """v2.0 when the file says so ("version": "v2.0") or any question has `is_impossible`."""
   if str(dataset_json.get("version", "")).lstrip("v").startswith("2"):
     return True
-  return any("is_impossible" in qa for qa in _questions(dataset_json["data"]))
+  return any("is_impossible" in qa for _, _, qa in _questions(dataset_json["data"]))
+
+
+def choose_language(language: str, contexts: Iterable[str]) -> str:
+  """The scoring of a data set: "en" or "zh" as given; "auto" is "zh" when most non-space
+  characters of its distinct `contexts` are CJK ideographs, else "en"."""
+  if language not in LANGUAGES:
+    raise ValueError(f"language {language!r}: expected one of {', '.join(LANGUAGES)}")
+  if language != "auto":
+    return language
+  texts = list(dict.fromkeys(contexts))
+  cjk = sum(len(_CJK.findall(t)) for t in texts)
+  return "zh" if 2 * cjk > sum(len("".join(t.split())) for t in texts) else "en"
 
 
 def evaluate(dataset_json: dict, predictions: dict[str, str],
-             na_probs: dict[str, float] | None = None, na_prob_thresh: float = 1.0
-             ) -> dict[str, Any]:
-  """Scores a whole SQuAD JSON ({"version", "data"}) with the v1.1 or v2.0 rules it calls for."""
+             na_probs: dict[str, float] | None = None, na_prob_thresh: float = 1.0,
+             language: str = "en") -> dict[str, Any]:
+  """Scores a whole SQuAD JSON ({"version", "data"}) with the v1.1 or v2.0 rules it calls for,
+  normalising answers for `language` ("en": SQuAD, "zh": CMRC 2018)."""
+  if language not in LANGUAGES[1:]:
+    raise ValueError(f"language {language!r}: expected en or zh (choose_language picks one)")
   if is_v2(dataset_json):
-    return evaluate_v2(dataset_json["data"], predictions, na_probs, na_prob_thresh)
+    return evaluate_v2(dataset_json["data"], predictions, na_probs, na_prob_thresh, language)
   if na_probs is not None:
     raise ValueError("no-answer probabilities apply to SQuAD v2.0 only; this is a v1.x file")
-  return evaluate_v1(dataset_json["data"], predictions)
+  return evaluate_v1(dataset_json["data"], predictions, language)
 
 
 # ----------------------------------------------------------------------------- span decoding
@@ -333,14 +409,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--na-prob-file", help="v2.0: JSON {question id: no-answer probability}")
   p.add_argument("--na-prob-thresh", type=float, default=1.0,
                  help="v2.0: predict no answer when the probability exceeds this")
+  p.add_argument("--language", choices=LANGUAGES, default="auto",
+                 help="answer normalisation: en (SQuAD), zh (CMRC 2018: characters), auto (zh "
+                      "when most non-space characters of the contexts are CJK)")
   args = p.parse_args(argv)
   dataset = load_json(args.data_file)
-  if not isinstance(dataset, dict) or not isinstance(dataset.get("data"), list):
-    raise DataError(f"{args.data_file}: not a SQuAD file (expected an object with a 'data' list)")
+  contexts = [c for _, c, _, _ in iter_questions(dataset, args.data_file)]  # checks the layout
+  language = choose_language(args.language, contexts)
   preds = _load_mapping(args.pred_file, str)
   na_probs = _load_mapping(args.na_prob_file, (int, float)) if args.na_prob_file else None
   try:
-    result = evaluate(dataset, preds, na_probs, args.na_prob_thresh)
+    result = evaluate(dataset, preds, na_probs, args.na_prob_thresh, language)
   except DataError as e:
     raise DataError(f"{args.data_file} with {args.pred_file}: {e}") from None
   print(json.dumps(result, indent=2))

@@ -254,9 +254,23 @@ class SquadTask(_Sets):
       raise squad.DataError(
           f"{d.eval_file}: {len(unanswered)} questions without answers (e.g. {unanswered[0]!r}) "
           "in a v1.1 file, which cannot be scored; mark them is_impossible in a v2.0 file")
+    self.language = self._language(d)
     self._setup_packing(d)
     counts = squad.answer_counts(self.train_examples)
     log.info("squad: %d training questions (%s)", len(self.train_examples), counts)
+
+  def _language(self, d: ml_collections.ConfigDict) -> str:
+    """The answer scoring of the evaluation set: data.language, "auto" decided by its contexts."""
+    language = d.get("language", "auto")
+    if language not in squad_eval.LANGUAGES:
+      raise squad.ConfigError(f"data.language={language!r}: expected one of "
+                              f"{', '.join(squad_eval.LANGUAGES)}")
+    if self.eval_examples is None:
+      return "en" if language == "auto" else language
+    language = squad_eval.choose_language(language, (ex.context for ex in self.eval_examples))
+    log.info("squad: %s scores answers as %s", d.eval_file,
+             "CMRC 2018 does (Chinese)" if language == "zh" else "SQuAD does (English)")
+    return language
 
   @property
   def description(self) -> dict[str, Any]:
@@ -317,7 +331,8 @@ class SquadTask(_Sets):
     # predictions.json (the official script's default of 1.0 would score another answer set)
     scores = squad_eval.evaluate(self.eval_json, decoded["predictions"],
                                  decoded.get("null_odds") if self.version_2 else None,
-                                 na_prob_thresh=d.null_score_diff_threshold)
+                                 na_prob_thresh=d.null_score_diff_threshold,
+                                 language=self.language)
     results = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
     files = {"predictions.json": decoded["predictions"],
              "nbest_predictions.json": decoded["nbest_predictions"]}

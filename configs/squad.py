@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.n_best_size = 20  # candidate starts/ends considered per window
   c.data.max_answer_length = 30  # longest answer, in tokens
   c.data.null_score_diff_threshold = 0.0  # v2.0: predict "" when null - best > threshold
+  c.data.language = "auto"  # answer scoring: en (SQuAD), zh (CMRC 2018), auto (zh if CJK contexts)
   c.train.metric = ""  # result that picks the best checkpoint ("" = f1)
 
   if arg == "tiny":

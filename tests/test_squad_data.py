@@ -103,6 +103,29 @@ def test_not_a_squad_file(tmp_path):
     squad.read_squad(_write(tmp_path, [1, 2]))
 
 
+def test_duplicate_question_ids_are_refused(tmp_path):
+  """Predictions are keyed by id: a second question with the same id (1 and "1" are one id)
+  would overwrite the first one's answer. The error names the file, the id and both places."""
+  data = _squad([_q("a", "cat", 4), _q(7, "mat", 19)])
+  data["data"].append({"title": "U", "paragraphs": [{"context": "the dog ran", "qas": [
+      _q("b", "dog", 4), _q("7", "dog", 4)]}]})
+  with pytest.raises(DataError, match=r"d\.json: question id '7' appears twice: article 0 "
+                     r"\('T'\), paragraph 0, question 1 and article 1 \('U'\), paragraph 0, "
+                     r"question 1"):
+    squad.read_squad(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"version": "1.1", "data": []}, r"no questions"),
+    (_squad([]), r"no questions"),
+    (_squad(None), r"article 0 \('T'\), paragraph 0: 'qas' must be a list of questions, got "
+                   r"NoneType"),
+])
+def test_empty_or_malformed_files_are_refused(tmp_path, data, message):
+  with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'd.json'))}: {message}"):
+    squad.read_squad(_write(tmp_path, data))
+
+
 # ----------------------------------------------------------------------------- windows
 
 
@@ -128,9 +151,71 @@ def test_max_context_matches_bert():
   for n, size, stride in ((10, 4, 3), (23, 7, 2), (5, 5, 1), (40, 9, 4)):
     windows = squad.doc_windows(n, size, stride)
     got = squad.max_context(windows, n)
-    want = [[_bert_is_max_context(windows, w, p) for p in range(n)] for w in range(len(windows))]
-    assert got.tolist() == want
-    assert (got.sum(0) == 1).all()  # exactly one window per token
+    want = [[_bert_is_max_context(windows, w, p) for p in range(s, s + length)]
+            for w, (s, length) in enumerate(windows)]
+    assert [g.tolist() for g in got] == want
+    per_token = np.zeros(n, int)
+    for (s, length), g in zip(windows, got, strict=True):
+      per_token[s:s + length] += g
+    assert (per_token == 1).all()  # exactly one window per token
+
+
+def _dense_max_context(windows, n_tokens):
+  """The former formulation: a float64 [windows, n_tokens] score matrix and its argmax."""
+  pos = np.arange(n_tokens)
+  scores = np.full((len(windows), n_tokens), -np.inf)
+  for w, (start, length) in enumerate(windows):
+    inside = (pos >= start) & (pos < start + length)
+    score = np.minimum(pos - start, start + length - 1 - pos) + 0.01 * length
+    scores[w] = np.where(inside, score, -np.inf)
+  return np.argmax(scores, axis=0)[None, :] == np.arange(len(windows))[:, None]
+
+
+def test_max_context_same_flags_as_dense_formulation():
+  """Random layouts (any order, overlaps, equal lengths that tie): each window's flags for its
+  tokens are those of the dense matrix, ties going to the earlier window."""
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    n = int(rng.integers(1, 60))
+    windows = [(int(s), int(rng.integers(1, n - s + 1)))
+               for s in rng.integers(0, n, size=rng.integers(1, 9))]
+    if rng.random() < 0.5:  # the real layouts too
+      windows = squad.doc_windows(n, int(rng.integers(1, 12)), int(rng.integers(1, 8)))
+    dense = _dense_max_context(windows, n)
+    got = squad.max_context(windows, n)
+    assert len(got) == len(windows)
+    for w, (s, length) in enumerate(windows):
+      assert got[w].dtype == bool and got[w].tolist() == dense[w, s:s + length].tolist()
+
+
+def test_max_context_memory_is_linear_in_the_passage():
+  """A 20,000-token passage in 399 windows: the flags hold each window's own tokens only, and
+  the call allocates a few arrays of the passage's length (the dense matrix was 64 MB)."""
+  import tracemalloc
+  n = 20_000
+  windows = squad.doc_windows(n, 100, 50)
+  tracemalloc.start()
+  try:
+    flags = squad.max_context(windows, n)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 64 * n, peak  # measured: 410,856 bytes; the dense one 128,180,956
+  assert [f.shape for f in flags] == [(length,) for _, length in windows]
+  assert sum(int(f.sum()) for f in flags) == n
+
+
+def test_max_context_computed_once_per_window_layout(monkeypatch):
+  """Questions of one length on one passage share its windows and their flags."""
+  calls = []
+  real = squad.max_context
+  monkeypatch.setattr(squad, "max_context", lambda w, n: calls.append(n) or real(w, n))
+  context = " ".join(f"w{i}" for i in range(300))
+  qas = [_q("a", "w5", 15), _q("b", "w9", 27), {**_q("c", "w9", 27), "question": "where"}]
+  feats, meta = squad.convert_examples(squad.parse_squad(_squad(qas, context)), WhitespaceTok(),
+                                       32, 8, 8, is_training=False)
+  assert calls == [300, 300]  # "where is it" twice, then "where"
+  assert meta["example_index"].tolist().count(0) == meta["example_index"].tolist().count(1)
 
 
 def test_feature_layout():
@@ -216,6 +301,80 @@ def test_evaluation_scores_the_predictions_it_writes(tmp_path, threshold, answer
   assert files["null_odds.json"]["q"] == pytest.approx(2.0)
   want = 100.0 if answer else 0.0
   assert results["exact"] == results["f1"] == want, results
+
+
+def _squad_task(path, chars=False, **data):
+  """The SQuAD task of the tiny config training and evaluating on `path`."""
+  from bert_jax import tasks
+  from configs import squad as squad_config
+  cfg = squad_config.get_config("tiny")
+  cfg.data.train_file = cfg.data.eval_file = str(path)
+  cfg.data.update(data)
+  return tasks.SquadTask(cfg, CharTok() if chars else WhitespaceTok())
+
+
+def _peaked(task, positions):
+  """Start and end logits peaked at (window, first token, last token) per window."""
+  start = np.zeros(task.eval_features()["input_ids"].shape)
+  end = start.copy()
+  for f, a, b in positions:
+    start[f, a], end[f, b] = 10.0, 10.0
+  return {"start_logits": start, "end_logits": end}
+
+
+def test_integer_question_ids_are_scored(tmp_path):
+  """JSON integer ids: predictions.json keys them as text ("1"), and the run's own scores find
+  them (they scored 0, every question "unanswered")."""
+  path = _write(tmp_path, _squad([_q(1, "cat", 4), _q(2, "mat", 19)]))
+  task = _squad_task(path)
+  # [CLS] where is it [SEP] the cat sat on the mat ...: "cat" at 6, "mat" at 10
+  results, files = task.evaluate(_peaked(task, [(0, 6, 6), (1, 10, 10)]))
+  assert files["predictions.json"] == {"1": "cat", "2": "mat"}
+  assert results == {"exact_match": 100.0, "f1": 100.0}
+
+
+def test_an_evaluation_file_without_questions_is_refused_at_setup(tmp_path):
+  train = _write(tmp_path, _squad([_q("a", "cat", 4)]), "train.json")
+  empty = _write(tmp_path, {"version": "1.1", "data": [{"title": "T", "paragraphs": [
+      {"context": "the cat", "qas": []}]}]}, "eval.json")
+  from bert_jax import tasks
+  from configs import squad as squad_config
+  cfg = squad_config.get_config("tiny")
+  cfg.data.train_file, cfg.data.eval_file = str(train), str(empty)
+  with pytest.raises(DataError, match=r"eval\.json: no questions"):
+    tasks.SquadTask(cfg, WhitespaceTok()).metric_names  # noqa: B018
+
+
+class CharTok(WhitespaceTok):
+  """Every non-space character a token (Chinese text has no spaces)."""
+
+  def encode_with_offsets(self, text):
+    spans = [(i, i + 1) for i, c in enumerate(text) if not c.isspace()]
+    return [self.vocab.setdefault(text[s:e], len(self.vocab) + 3) for s, e in spans], spans
+
+
+ZH_CONTEXT = "北京大学位于北京市海淀区。"
+
+
+@pytest.mark.parametrize("language,f1", [("auto", 100 * 2 * 3 / 7), ("zh", 100 * 2 * 3 / 7),
+                                         ("en", 0.0)])
+def test_chinese_answers_scored_by_characters(tmp_path, language, f1):
+  """data.language picks the scoring of the run's evaluation (and so of best/): "auto" takes
+  CMRC 2018's for Chinese contexts. The answer 北京大学 predicted as 北京大 (3 of 4 characters)
+  has F1 6/7; English normalisation sees one token each and scores 0."""
+  path = _write(tmp_path, _squad([_q("z", "北京大学", 0)], ZH_CONTEXT))
+  task = _squad_task(path, language=language, chars=True)
+  assert task.language == ("en" if language == "en" else "zh")
+  # [CLS] w h e r e i s i t [SEP] 北 京 大 ...: 9 question characters, the passage from 11
+  results, files = task.evaluate(_peaked(task, [(0, 11, 13)]))
+  assert files["predictions.json"] == {"z": "北京大"}
+  assert results["exact_match"] == 0.0 and results["f1"] == pytest.approx(f1)
+
+
+def test_unknown_language_is_a_config_error(tmp_path):
+  from bert_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"data\.language='fr': expected one of auto, en, zh"):
+    _squad_task(_write(tmp_path, _squad([_q("a", "cat", 4)])), language="fr")
 
 
 def _decode_gold(examples, feats, meta):

@@ -44,6 +44,40 @@ def test_v2_reproduces_official_scores(shared_data, capsys):
   assert json.loads(capsys.readouterr().out) == V2_KNOWN
 
 
+def _minus_last_character(data):
+  """Each question's first gold answer without its last character (kept whole up to 2)."""
+  return {qa["id"]: a[:-1] if len(a) > 2 else a
+          for article in data["data"] for p in article["paragraphs"] for qa in p["qas"]
+          for a in [qa["answers"][0]["text"]]}
+
+
+def test_cmrc2018_scored_as_chinese(shared_data, tmp_path):
+  """CMRC 2018 dev (3,219 questions), every answer missing its last character: "auto" scores it
+  by characters. CMRC 2018's own evaluation script, run offline with the regex used here for
+  NLTK's word tokenizer, gives the same figures to the last digit (EM 23.486, F1 90.157)."""
+  path = shared_data / "squad_zh_cmrc2018/cmrc2018_dev.squad-style.json"
+  preds = tmp_path / "preds.json"
+  preds.write_text(json.dumps(_minus_last_character(squad_eval.load_json(path))))
+  result = squad_eval.main([str(path), str(preds)])
+  assert result == {"exact_match": 23.48555452003728, "f1": 90.15689891995552}
+  assert squad_eval.main([str(path), str(preds), "--language", "zh"]) == result
+  # English normalisation sees an unsegmented answer as one token: F1 falls to about EM.
+  assert squad_eval.main([str(path), str(preds), "--language", "en"]) == {
+      "exact_match": 11.680646163404784, "f1": 12.88300805542185}
+
+
+def test_language_auto_follows_the_contexts(shared_data):
+  for name, want in (("squad_v1.1/dev-v1.1.json", "en"),
+                     ("squad_v2.0/dev-v2.0-first2articles_haystack-small.json", "en"),
+                     ("squad_zh_cmrc2018/cmrc2018_dev.squad-style.json", "zh")):
+    data = squad_eval.load_json(shared_data / name)
+    contexts = [p["context"] for a in data["data"] for p in a["paragraphs"]]
+    assert squad_eval.choose_language("auto", contexts) == want, name
+  assert squad_eval.choose_language("auto", ["北京 is big", "北京大学"]) == "zh"  # 6 of 11
+  assert squad_eval.choose_language("auto", ["北京 is a big city"]) == "en"  # 2 of 12
+  assert squad_eval.choose_language("en", ["北京大学"]) == "en"
+
+
 def test_v2_best_threshold_on_real_predictions(shared_data, tmp_path):
   root = shared_data / "squad_v2.0"
   data = squad_eval.load_json(root / "dev-v2.0-first2articles_haystack-small.json")
@@ -79,6 +113,23 @@ def test_empty_answers_v1_vs_v2():
   # v2.0: "" is the answer to an unanswerable question.
   assert squad_eval.f1_score("", "") == 1
   assert squad_eval.f1_score("", "something") == 0
+
+
+def test_chinese_segmentation_and_scores():
+  # CMRC 2018's rules: its punctuation removed first (it does not split a run: no ASCII ( ) in
+  # its list), each Chinese character a token, the other runs cut into words and symbols.
+  assert squad_eval.segment_zh("光荣和ω-Force，2018年！(Tom Lee)～") == [
+      "光", "荣", "和", "ωforce2018", "年", "(", "tom", "lee", ")"]
+  assert squad_eval.normalize_answer_zh(" 《北京》大学。 ") == "北京大学"
+  assert squad_eval.exact_score("《北京大学》", "北京大学。", "zh") == 1
+  assert squad_eval.exact_score("北京大学", "北京 大学", "zh") == 0  # inner spaces count
+  # F1 counts the longest common run of tokens, not a bag of them.
+  assert squad_eval.f1_score("北京大学", "北京大", language="zh") == pytest.approx(6 / 7)
+  assert squad_eval.f1_score("北京大学", "大学北京", language="zh") == pytest.approx(0.5)
+  assert squad_eval.f1_score("北京大学", "大学北京") == 0  # en: one token each
+  assert squad_eval.f1_score("2018年", "1999年", empty_agrees=False, language="zh") == 0.5
+  assert squad_eval.f1_score("。", "", empty_agrees=False, language="zh") == 0
+  assert squad_eval.f1_score("。", "", language="zh") == 1  # v2.0: both empty
 
 
 def _dataset(qas, version="v2.0"):
@@ -121,6 +172,48 @@ def test_version_detection():
   assert squad_eval.evaluate(v1, {"a": "cat", "b": ""}) == {"exact_match": 50.0, "f1": 50.0}
   assert squad_eval.is_v2(_dataset(V2_QAS[:2]))  # "version": "v2.0"
   assert squad_eval.is_v2(_dataset(V2_QAS, version="1.1"))  # is_impossible present
+
+
+@pytest.mark.parametrize("version", ["1.1", "v2.0"])
+def test_integer_ids_are_compared_as_text(version):
+  """The reader keys a JSON integer id 1 as "1" (and so do predictions.json files)."""
+  qas = [{**qa, "id": k} for k, qa in enumerate(V2_QAS[:2], 1)]
+  r = squad_eval.evaluate(_dataset(qas, version), {"1": "the cat", "2": "on the mat"})
+  assert r["f1" if version == "v2.0" else "exact_match"] == 100.0
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+  data = _dataset(V2_QAS)
+  data["data"].append({"title": "u", "paragraphs": [{"context": "x", "qas": [V2_QAS[2]]}]})
+  (tmp_path / "d.json").write_text(json.dumps(data))
+  (tmp_path / "p.json").write_text(json.dumps({"a": "cat"}))
+  with pytest.raises(DataError, match=r"d\.json: question id 'n' appears twice: article 0 "
+                     r"\('t'\), paragraph 0, question 2 and article 1 \('u'\), paragraph 0, "
+                     "question 0"):
+    squad_eval.main([str(tmp_path / "d.json"), str(tmp_path / "p.json")])
+
+
+ONE_PARAGRAPH = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "abc"}]}]}
+
+
+@pytest.mark.parametrize("qas,message", [
+    (None, r"d\.json: no questions"),
+    ([], r"d\.json: no questions"),
+    ("null", r"d\.json: article 0 \('t'\), paragraph 0: 'qas' must be a list of questions"),
+    ([{"id": "q", "question": "x"}], r"d\.json with .*p\.json: question 'q' has no answers"),
+    ([{"id": "q", "question": "x", "answers": [{"answer_start": 0}]}],
+     r"d\.json with .*p\.json: question 'q': 'answers' must be a list of objects with a 'text'"),
+])
+def test_empty_or_malformed_data_files(tmp_path, qas, message):
+  data = json.loads(json.dumps(ONE_PARAGRAPH))
+  if qas is None:
+    data["data"] = []
+  else:
+    data["data"][0]["paragraphs"][0]["qas"] = None if qas == "null" else qas
+  (tmp_path / "d.json").write_text(json.dumps(data))
+  (tmp_path / "p.json").write_text(json.dumps({"q": "abc"}))
+  with pytest.raises(DataError, match=message):
+    squad_eval.main([str(tmp_path / "d.json"), str(tmp_path / "p.json")])
 
 
 def test_cli_reports_malformed_json(tmp_path):
@@ -237,6 +330,18 @@ def test_cli_checks_prediction_values(tmp_path):
     squad_eval.main([str(data), str(preds)])
   with pytest.raises(ValueError, match="v2.0 only"):
     squad_eval.evaluate(_dataset(V2_QAS[:2], "1.1"), {"a": ""}, {"a": 0.5})
+
+
+def test_a_file_without_questions_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  (tmp_path / "d.json").write_text('{"version": "1.1", "data": []}')
+  (tmp_path / "p.json").write_text("{}")
+  out = subprocess.run([sys.executable, "-m", "bert_jax.squad_eval", str(tmp_path / "d.json"),
+                        str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'd.json'}: no questions (no " \
+      "article has a paragraph with a non-empty 'qas' list)"
 
 
 @pytest.mark.parametrize("version,answers,preds,message", [

@@ -82,9 +82,7 @@ def _read_answer(raw: Any, context: str, where: str) -> Answer:
   return Answer(text, _find_nearest(context, text, start) if text else -1, start)
 
 
-def _read_question(qa: Any, context: str, title: str, where: str) -> SquadExample:
-  if not isinstance(qa, dict) or "id" not in qa:
-    raise DataError(f"{where}: a question without an 'id'")
+def _read_question(qa: dict, context: str, title: str, where: str) -> SquadExample:
   where = f"{where} (id {qa['id']!r})"
   if not isinstance(qa.get("question"), str):
     raise DataError(f"{where}: no 'question' text")
@@ -102,23 +100,46 @@ def _read_question(qa: Any, context: str, title: str, where: str) -> SquadExampl
   return SquadExample(str(qa["id"]), qa["question"], context, answers, impossible, title)
 
 
-def parse_squad(data: Any, source: str = "<data>") -> list[SquadExample]:
-  """The questions of a parsed SQuAD JSON ({"data": [articles]}), in file order."""
+def iter_questions(data: Any, source: str = "<data>"):
+  """Yields (question object, context, title, "source: article i ('title'), paragraph j,
+  question k") for each question of a parsed SQuAD JSON, in file order, checking the layout on
+  the way: a 'data' list of articles, each a 'paragraphs' list of a 'context' text and a 'qas'
+  list of questions, each with an 'id' no other question has (compared as text: 1 and "1" are
+  one id), and at least one question in the file. A break raises DataError naming `source`."""
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise DataError(f"{source}: not a SQuAD file (expected an object with a 'data' list)")
-  examples = []
+  seen: dict[str, str] = {}  # id -> where it was first
   for i, article in enumerate(data["data"]):
     title = article.get("title", "") if isinstance(article, dict) else ""
     paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
     if not isinstance(paragraphs, list):
       raise DataError(f"{source}: article {i} ({title!r}) has no 'paragraphs' list")
     for j, paragraph in enumerate(paragraphs):
-      where = f"{source}: article {i} ({title!r}), paragraph {j}"
+      where = f"article {i} ({title!r}), paragraph {j}"
       if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
-        raise DataError(f"{where}: no 'context' text")
-      for k, qa in enumerate(paragraph.get("qas", [])):
-        examples.append(_read_question(qa, paragraph["context"], title, f"{where}, question {k}"))
-  return examples
+        raise DataError(f"{source}: {where}: no 'context' text")
+      qas = paragraph.get("qas", [])
+      if not isinstance(qas, list):
+        raise DataError(f"{source}: {where}: 'qas' must be a list of questions, got "
+                        f"{type(qas).__name__}")
+      for k, qa in enumerate(qas):
+        if not isinstance(qa, dict) or "id" not in qa:
+          raise DataError(f"{source}: {where}, question {k}: a question without an 'id'")
+        qid = str(qa["id"])
+        if qid in seen:
+          raise DataError(f"{source}: question id {qid!r} appears twice: {seen[qid]} and "
+                          f"{where}, question {k} (predictions are keyed by id)")
+        seen[qid] = f"{where}, question {k}"
+        yield qa, paragraph["context"], title, f"{source}: {where}, question {k}"
+  if not seen:
+    raise DataError(f"{source}: no questions (no article has a paragraph with a non-empty 'qas' "
+                    "list)")
+
+
+def parse_squad(data: Any, source: str = "<data>") -> list[SquadExample]:
+  """The questions of a parsed SQuAD JSON ({"data": [articles]}), in file order."""
+  return [_read_question(qa, context, title, where)
+          for qa, context, title, where in iter_questions(data, source)]
 
 
 def read_squad(path: str | pathlib.Path) -> list[SquadExample]:
@@ -179,20 +200,22 @@ def doc_windows(n_tokens: int, max_tokens: int, stride: int) -> list[tuple[int, 
     start += min(length, stride)
 
 
-def max_context(windows: Sequence[tuple[int, int]], n_tokens: int) -> np.ndarray:
-  """[W, n_tokens] bool: whether each window is the one where a token has the most context.
+def max_context(windows: Sequence[tuple[int, int]], n_tokens: int) -> list[np.ndarray]:
+  """Per window, [length] bool: whether the window is the one where each of its tokens has the
+  most context.
 
   Score of a token in a window: min(left, right context) + 0.01 * window length; the first
-  window wins ties (BERT's `_check_is_max_context`).
+  window wins ties (BERT's `_check_is_max_context`). Memory: arrays of n_tokens and the windows'
+  own lengths (a passage of N tokens in windows `stride` apart holds about N * length / stride).
   """
-  pos = np.arange(n_tokens)
-  scores = np.full((len(windows), n_tokens), -np.inf)
+  best_score, best = np.full(n_tokens, -np.inf), np.full(n_tokens, -1)
   for w, (start, length) in enumerate(windows):
-    inside = (pos >= start) & (pos < start + length)
+    pos = np.arange(start, start + length)
     score = np.minimum(pos - start, start + length - 1 - pos) + 0.01 * length
-    scores[w] = np.where(inside, score, -np.inf)
-  best = np.argmax(scores, axis=0)
-  return best[None, :] == np.arange(len(windows))[:, None]
+    better = score > best_score[start:start + length]  # strictly: an earlier window keeps ties
+    best_score[start:start + length][better] = score[better]
+    best[start:start + length][better] = w
+  return [best[start:start + length] == w for w, (start, length) in enumerate(windows)]
 
 
 @dataclasses.dataclass
@@ -222,15 +245,21 @@ FEATURE_KEYS = ("input_ids", "input_mask", "segment_ids", "start_positions", "en
 META_KEYS = ("example_index", "offsets", "max_context")
 
 
-def _window_rows(enc: _Encoded, tok: Tokenizer, max_seq_length: int, doc_stride: int):
-  """Yields (features row, meta row) per passage window of one question."""
+def _window_rows(enc: _Encoded, tok: Tokenizer, max_seq_length: int, doc_stride: int,
+                 flags: dict):
+  """Yields (features row, meta row) per passage window of one question. `flags` caches the
+  max-context flags per (passage tokens, passage tokens per window): the questions on one
+  passage share them unless their lengths differ."""
   head = [tok.cls_id, *enc.question, tok.sep_id]
   max_doc = max_seq_length - len(head) - 1
   if max_doc <= 0:
     raise ValueError(f"max_seq_length={max_seq_length} leaves no room for the passage after a "
                      f"{len(enc.question)}-token question; raise it or lower max_query_length")
   windows = doc_windows(len(enc.doc), max_doc, doc_stride)
-  is_max = max_context(windows, len(enc.doc))
+  key = (len(enc.doc), max_doc)  # the windows depend on nothing else (doc_stride is fixed)
+  if key not in flags:
+    flags[key] = max_context(windows, len(enc.doc))
+  is_max = flags[key]
   for w, (s, n) in enumerate(windows):
     end = len(head) + n
     ids = np.full(max_seq_length, tok.pad_id, np.int32)
@@ -240,7 +269,7 @@ def _window_rows(enc: _Encoded, tok: Tokenizer, max_seq_length: int, doc_stride:
     offsets = np.full((max_seq_length, 2), -1, np.int32)
     offsets[len(head):end] = enc.offsets[s:s + n]
     ctx = np.zeros(max_seq_length, bool)
-    ctx[len(head):end] = is_max[w, s:s + n]
+    ctx[len(head):end] = is_max[w]
     first = last = 0  # [CLS]: no answer in this window
     if enc.span is not None and s <= enc.span[0] and enc.span[1] < s + n:
       first, last = enc.span[0] - s + len(head), enc.span[1] - s + len(head)
@@ -265,6 +294,7 @@ def convert_examples(examples: Sequence[SquadExample], tok: Tokenizer, max_seq_l
     if not isinstance(value, int) or value < 1:  # a stride of 0 would never end a passage
       raise ConfigError(f"data.{name}={value!r}: expected a positive number of tokens")
   cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+  flags: dict[tuple[int, int], list[np.ndarray]] = {}
   rows: dict[str, list] = {k: [] for k in FEATURE_KEYS + META_KEYS}
   skipped = unmappable = 0
   for i, ex in enumerate(examples):
@@ -278,7 +308,7 @@ def convert_examples(examples: Sequence[SquadExample], tok: Tokenizer, max_seq_l
     if is_training and not ex.is_impossible and enc.span is None:
       unmappable += 1
       continue
-    for feats, meta in _window_rows(enc, tok, max_seq_length, doc_stride):
+    for feats, meta in _window_rows(enc, tok, max_seq_length, doc_stride, flags):
       for k, v in {**feats, **meta, "example_index": i}.items():
         rows[k].append(v)
   if skipped or unmappable:
