@@ -38,6 +38,18 @@ def _encoder(config: BertConfig):
       {"params": params}, ids, types, mask, deterministic=True))
 
 
+def _check_right_padded(attention_mask: Any) -> None:
+  """The fused attention takes each row's key length, not the mask: the real tokens must come
+  first."""
+  import numpy as np
+  real = np.asarray(attention_mask) != 0
+  bad = np.flatnonzero((np.diff(real.astype(np.int8), axis=-1) > 0).any(-1))
+  if bad.size:
+    raise ValueError(f"encode: attention_mask row {bad[0]} is not real tokens first, then "
+                     "padding: attention='dot_product' takes key lengths (use "
+                     "attention='einsum' for other masks)")
+
+
 def encode(config: BertConfig, params: Any, input_ids: Any, token_type_ids: Any = None,
            attention_mask: Any = None) -> dict[str, Any]:
   """Runs the encoder for inference (no dropout), compiled once per config and input shape.
@@ -45,13 +57,16 @@ def encode(config: BertConfig, params: Any, input_ids: Any, token_type_ids: Any 
   params: the full tree ({"bert": ...}, as load_hf and checkpoints hold it) or the encoder tree,
   in either layout (converted on every call when it is not the one `config.scan_layers` names).
   input_ids, token_type_ids (default zeros), attention_mask (1 = real token, default ones):
-  [batch, seq] ints, seq <= config.max_position_embeddings.
+  [batch, seq] ints, seq <= config.max_position_embeddings; with attention="dot_product" each
+  mask row must be real tokens first, then padding (a ValueError otherwise).
   Returns {"sequence_output": [batch, seq, hidden], "pooled_output": [batch, hidden]}, float32.
   """
   shape = getattr(input_ids, "shape", None)
   if shape is None or len(shape) != 2 or shape[1] > config.max_position_embeddings:
     raise ValueError(f"encode: input_ids must be [batch, seq] with seq <= "
                      f"{config.max_position_embeddings}, got shape {shape}")
+  if config.attention == "dot_product" and attention_mask is not None:
+    _check_right_padded(attention_mask)
   from bert_jax.params import match_layout
   params = match_layout(params, config)
   encoder = params["bert"] if "bert" in params else params

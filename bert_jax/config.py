@@ -66,6 +66,16 @@ class BertConfig:
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"BertConfig.{name} must be a whole number >= 1, got {value!r}")
+    for name in ("hidden_dropout", "attention_dropout"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"model.{name}={value!r}: expected a rate from 0 to below 1 "
+                          "(fine-tuning sets both from train.dropout)")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"BertConfig: hidden_size {self.hidden_size} is not divisible by "

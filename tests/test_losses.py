@@ -48,3 +48,26 @@ def test_written_out_gradients_equal_autodiff():
   # The accuracy carries no gradient.
   acc_grad = jax.grad(lambda x: losses.accuracy_sum(x, labels, weights)[0])(logits)
   assert not np.any(acc_grad)
+
+
+def test_large_logits_keep_the_loss_and_its_gradient():
+  """Logits far from 0 (a diverging run) give log_softmax's loss and gradient on the same inputs,
+  not a log-sum absorbed into the largest logit (probabilities summing to 0.74 at 1e7)."""
+  logits = 3 * jax.random.normal(jax.random.key(6), (4, 30522))
+  labels = jax.random.randint(jax.random.key(7), (4,), 0, 30522)
+
+  def ours(x):
+    return losses.cross_entropy_sum(x, labels, jnp.ones(4))[0]
+
+  def reference(x):
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(x), labels[:, None], -1))
+
+  for shift in (0.0, 1e4, 1e7):
+    x = logits + shift
+    np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), atol=1e-6)
+  x = jnp.array([[3e38, 3e38, -3e38]])
+  nll, _ = losses.nll_and_correct(x, jnp.array([0]))
+  np.testing.assert_allclose(nll, [np.log(2)], rtol=1e-6)
+  grad = jax.grad(lambda x: losses.nll_and_correct(x, jnp.array([0]))[0].sum())(x)
+  np.testing.assert_allclose(grad, [[-0.5, 0.5, 0.0]], atol=1e-7)

@@ -167,6 +167,39 @@ def test_fused_attention_with_attention_dropout_is_a_config_error():
     TINY.replace(attention="flash")
 
 
+@pytest.mark.parametrize("field,value", [("hidden_dropout", -0.1), ("attention_dropout", 1.5),
+                                         ("hidden_dropout", 1.0)])
+def test_a_dropout_rate_outside_0_to_1_is_a_config_error(field, value):
+  """-0.1 dropped about 90% of the activations (its threshold wrapped around), 1.5 all of them."""
+  with pytest.raises(ConfigError, match=rf"model.{field}={value}: expected a rate from 0 to "
+                                        r"below 1"):
+    TINY.replace(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["num_layers", "num_heads", "hidden_size", "vocab_size"])
+def test_sizes_below_one_are_refused_naming_the_field(field):
+  with pytest.raises(ValueError, match=rf"BertConfig.{field} must be a whole number >= 1, got 0"):
+    TINY.replace(**{field: 0})
+
+
+def test_fused_attention_through_encode_needs_right_padded_masks():
+  """It passes key lengths, not the mask: a left-padded or gapped mask would attend to the wrong
+  keys silently (1.63 off einsum's outputs)."""
+  import bert_jax
+  cfg = TINY.replace(attention="dot_product", attention_dropout=0.0)
+  ids, types, _ = _batch(3, 8)
+  ids, types = ids[:2], types[:2]
+  params = BertModel(cfg).init(jax.random.key(0), ids, types, np.ones((2, 8), np.int32))["params"]
+  right = np.array([[1] * 5 + [0] * 3, [1] * 8], np.int32)
+  out = bert_jax.encode(cfg, params, ids, types, right)
+  ref = bert_jax.encode(cfg.replace(attention="einsum"), params, ids, types, right)
+  np.testing.assert_allclose(out["pooled_output"], ref["pooled_output"], atol=1e-6)
+  for bad in ([0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 0]):
+    with pytest.raises(ValueError, match=r"attention_mask row 1 is not real tokens first, then "
+                                         r"padding.*attention='einsum'"):
+      bert_jax.encode(cfg, params, ids, types, np.array([[1] * 8, bad], np.int32))
+
+
 def test_auto_dtype_resolves_per_backend():
   assert BertConfig().dtype == "auto" == TINY.dtype
   assert jax.default_backend() == "cpu" and TINY.compute_dtype == jnp.float32
