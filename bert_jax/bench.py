@@ -16,9 +16,13 @@ On CPU, --devices above 1 needs XLA_FLAGS=--xla_force_host_platform_device_count
 --variant takes a name of bert_jax.config.VARIANTS or L{layers}-H{hidden}-A{heads} (FFN 4 x hidden).
 With --against hf-torch the peer runs in its own process (bert_jax.bench_peer), the two sides
 alternating round by round, in the precision of our side unless --peer_dtype says otherwise
-(bfloat16: torch.autocast on the CPU); every record names the machine (CPU model or
-accelerator), the library versions and each framework's float32 and bfloat16 matmul peaks
-measured in the run. --json appends to its file, so that several commands collect one file.
+(bfloat16: torch.autocast on the CPU), with AdamW on the whole batch (so not with --optimizer
+lamb or --grad_accum above 1). Stock Hugging Face BERT computes more per step than ours (the last
+layer at every position, the MLM head at all positions): besides the tokens/s ratio the record
+gives the peer's model FLOPs (hf_flops_per_step) and the FLOP/s ratio. Every record names the
+machine (CPU model, family, model number, stepping and matmul flags, or the accelerator), the
+library versions and each framework's float32 and bfloat16 matmul peaks measured in the run.
+--json appends to its file, so that several commands collect one file.
 --profile DIR traces --profile_steps more steps with the JAX profiler (a TensorBoard/Perfetto
 trace per configuration under DIR) and prints where their time goes: op time per part of the
 model (matmuls, optimizer, dropout, layer norm, attention, ...), the matmuls' FLOP rate and the
@@ -120,6 +124,16 @@ def analytic_flops(config: BertConfig, batch_size: int, seq_len: int,
   return 3 * batch_size * ((config.num_layers - 1) * layer(T) + layer(last) + heads)
 
 
+def peer_flops(config: BertConfig, batch_size: int, seq_len: int,
+               task: str = "pretraining") -> int:
+  """Model FLOPs of one step of the Hugging Face peer (bench_peer), counted as `analytic_flops`
+  counts ours: stock BertForPreTraining runs the last layer at every position and the MLM head
+  (transform and decoder) at all seq_len positions, BertForSequenceClassification the last layer
+  at every position."""
+  return analytic_flops(config.replace(sparse_last_layer=False), batch_size, seq_len, seq_len,
+                        task)
+
+
 def model_config(variant: str, **overrides: Any) -> BertConfig:
   """A named variant, or L{layers}-H{hidden}-A{heads} (e.g. L6-H384-A12, FFN 4 x hidden)."""
   m = re.fullmatch(r"L(\d+)-H(\d+)-A(\d+)", variant)
@@ -130,23 +144,44 @@ def model_config(variant: str, **overrides: Any) -> BertConfig:
   return get_variant(variant, **overrides)
 
 
-def machine() -> dict[str, Any]:
-  """What the figures were measured on: the CPU model (lscpu's "Model name"), the cores this
-  process may use, the accelerator kind, the library versions."""
-  cpu = platform.processor() or platform.machine()
+# /proc/cpuinfo flags that decide the matmul paths of both frameworks on an x86 CPU
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+  """The CPU as /proc/cpuinfo names it: "model name" ("AMD EPYC" stands for several
+  generations), cpu family, model and stepping (ints, None where absent) and whether each of
+  CPU_FLAGS is present (None without a flags line, e.g. off Linux or on ARM)."""
+  fields: dict[str, str] = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.lower().startswith("model name")), cpu)
+      for line in f:
+        key, sep, value = line.partition(":")
+        if not sep:
+          if fields:  # the first processor's block is enough
+            break
+          continue
+        fields.setdefault(key.strip().lower(), value.strip())
   except OSError:
     pass
+  number = lambda key: int(fields[key]) if fields.get(key, "").isdigit() else None  # noqa: E731
+  flags = set(fields["flags"].split()) if "flags" in fields else None
+  return {"cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
+          "cpu_family": number("cpu family"), "cpu_model_number": number("model"),
+          "cpu_stepping": number("stepping"),
+          "cpu_flags": None if flags is None else {f: f in flags for f in CPU_FLAGS}}
+
+
+def machine() -> dict[str, Any]:
+  """What the figures were measured on: the CPU (cpu_info), the cores this process may use, the
+  accelerator kind, the library versions."""
   versions = {}
   for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
     try:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       pass
-  return {"cpu_model": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
+  return {**cpu_info(), "cpu_cores": len(os.sched_getaffinity(0)),
           "accelerator": None if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
           "versions": versions,
           # glibc's malloc settings (the CLI turns on huge pages: cli.use_huge_pages)
@@ -219,7 +254,8 @@ def peak_memory(mesh) -> tuple[int, str]:
 
 
 class OursRunner:
-  """Builds state and batch once, compiles, then times steps (blocking on the loss only)."""
+  """Builds state and batch once, compiles ahead of time, then times steps of the compiled
+  executable (blocking on the loss only): no timed step pays for tracing or compiling."""
 
   def __init__(self, config: BertConfig, mesh, batch: dict[str, np.ndarray], optimizer: str,
                grad_accum: int, task: str = "pretraining"):
@@ -248,13 +284,21 @@ class OursRunner:
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      self.state, metrics = self.step(self.state, self.batch)
+      self.state, metrics = self.compiled(self.state, self.batch)
       jax.block_until_ready(metrics["loss"])
       times.append(time.perf_counter() - start)
     return times
 
 
 def _xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of the compiled step; None where it has none, or where a while loop of the
+  step runs matmuls (--scan_layers, --grad_accum > 1): the cost analysis counts a loop's body
+  once. (Dropout's random bits come from small loops without any: they are left to count.)"""
+  instrs, comps = step_profile.parse_hlo(compiled.as_text())
+  loops = [step_profile._inside(name, instrs, comps)
+           for name, instr in instrs.items() if instr.opcode == "while"]
+  if any(i.opcode in ("dot", "convolution", "custom-call") for body in loops for i in body):
+    return None
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - not every backend implements it
@@ -319,14 +363,16 @@ def _step_stats(times: list[float], tokens: int, sequences: int) -> dict[str, fl
 
 
 def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, tokens: int,
-             probe_peak: Callable[[], float]) -> dict[str, Any]:
-  """A B A B ...: --pairs rounds of --steps timed steps each; tokens/s ratio per round. One side
-  runs while the other waits in its own process.
+             probe_peak: Callable[[], float], flops: tuple[int, int]) -> dict[str, Any]:
+  """A B A B ...: --pairs rounds of --steps timed steps each; per round the tokens/s ratio
+  (`ratios`, same tokens) and the FLOP/s ratio (`equal_work_ratios`: the time ratio times our
+  FLOPs over the peer's, `flops` = (ours, peer's) per step, as the peer computes more for the same
+  tokens). One side runs while the other waits in its own process.
 
   Each side first runs --switch_warmup untimed steps in every round: the first step after the
   other framework ran is slow for both (base, batch 8: ours 5.1 s against 3.9 s, theirs 5.6 s
   against 5.1 s; sleeping between them does not help), so timing it would measure the switch."""
-  theirs.run(max(opts.warmup, 1))
+  theirs.run(opts.warmup)
   our_times, hf_times, ratios = [], [], []
   for _ in range(opts.pairs):
     ours.run(opts.switch_warmup)
@@ -337,13 +383,17 @@ def _compare(ours: OursRunner, theirs: PeerProcess, opts: argparse.Namespace, to
     our_times += a
     hf_times += b
     ratios.append(statistics.median(b) / statistics.median(a))
+  equal_work = [r * flops[0] / flops[1] for r in ratios]
   return {"our_step_times": our_times, "against": "hf-torch", "peer_process": theirs.proc.pid,
-          "peer_dtype": theirs.dtype,
+          "peer_dtype": theirs.dtype, "peer_remat": "none",  # HF's gradient checkpointing off
           "hf_tokens_per_s": tokens / statistics.median(hf_times),
           "hf_step_s_median": statistics.median(hf_times),
+          "hf_flops_per_step": flops[1],
+          "hf_achieved_flops_per_s": flops[1] / statistics.median(hf_times),
           **{f"torch_matmul_peak_{k}": v for k, v in theirs.peaks().items()},  # flops, n
           "torch_threads": theirs.info["threads"],
-          "ratios": ratios, "ratio_median": statistics.median(ratios)}
+          "ratios": ratios, "ratio_median": statistics.median(ratios),
+          "equal_work_ratios": equal_work, "equal_work_ratio_median": statistics.median(equal_work)}
 
 
 def _label(*values: Any) -> str:
@@ -375,13 +425,15 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   ours = OursRunner(config, mesh, batch, opts.optimizer, grad_accum, opts.task)
   ours.run(opts.warmup)
   tokens = batch_size * seq_len
+  flops = analytic_flops(config, batch_size, seq_len, preds, opts.task)
   if opts.against:
     ours_bf16 = config.compute_dtype == jnp.bfloat16
     peer_dtype = opts.peer_dtype if opts.peer_dtype != "same" else (
         "bfloat16" if ours_bf16 else "float32")
     theirs = PeerProcess(config, batch, opts.task, peer_dtype)
     try:
-      extra = _compare(ours, theirs, opts, tokens, probe_peak)
+      extra = _compare(ours, theirs, opts, tokens, probe_peak,
+                       (flops, peer_flops(config, batch_size, seq_len, opts.task)))
     finally:
       theirs.close()
     times = extra.pop("our_step_times")
@@ -393,7 +445,6 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
             variant, batch_size, seq_len, config.compute_dtype.name, remat, grad_accum, devices,
             fsdp, attention)), opts.profile_steps, devices=len(mesh.local_devices))
   peak = probe_peak()
-  flops = analytic_flops(config, batch_size, seq_len, preds, opts.task)
   stats = _step_stats(times, tokens, batch_size)
   memory, memory_source = peak_memory(mesh)
   achieved = flops / stats["step_s_median"]
@@ -414,7 +465,10 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
           "xla_matmul_peak_flops": xla_matmul_peaks(devices) if jax.default_backend() == "cpu"
           else None,
           "peak_memory_bytes": memory,
-          "peak_memory_source": memory_source, "compiles": ours.step._cache_size(), **extra}
+          "peak_memory_source": memory_source,
+          # the ahead-of-time compilation, and any of the jitted step (none: run() calls the
+          # compiled executable, which refuses other shapes rather than recompiling)
+          "compiles": 1 + ours.step._cache_size(), **extra}
 
 
 _COLUMNS = (("variant", "{}"), ("batch_size", "{}"), ("seq_len", "{}"), ("dtype", "{}"),
@@ -424,7 +478,8 @@ _COLUMNS = (("variant", "{}"), ("batch_size", "{}"), ("seq_len", "{}"), ("dtype"
             ("sequences_per_s", "{:.1f}"), ("tokens_per_s", "{:.0f}"),
             ("flops_per_step_analytic", "{:.3g}"), ("flops_per_step_xla", "{:.3g}"),
             ("mfu", "{:.1%}"), ("peak_memory_bytes", "{:.3g}"),
-            ("hf_tokens_per_s", "{:.0f}"), ("ratio_median", "{:.2f}"))
+            ("hf_tokens_per_s", "{:.0f}"), ("ratio_median", "{:.2f}"),
+            ("equal_work_ratio_median", "{:.2f}"))
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -458,7 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--vocab_size", type=int, default=0,
                  help="0: BERT's 30522; set to a tokenizer's size to match a train.py run")
   p.add_argument("--steps", type=int, default=10, help="timed steps (per round with --against)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after compiling (at least 1: the first step is slow)")
   p.add_argument("--dtype", type=_csv(str), default=["auto"],
                  help="compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, ...")
   p.add_argument("--remat", type=_csv(str), default=["none"],
@@ -491,9 +547,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for kind in opts.attention:
     if kind not in ATTENTIONS:
       p.error(f"--attention: {kind!r} is not one of {', '.join(ATTENTIONS)}")
+  unmatched = ([f"--optimizer {opts.optimizer}"] if opts.optimizer != "adamw" else []) + (
+      [f"--grad_accum {max(opts.grad_accum)}"] if max(opts.grad_accum) > 1 else [])
+  if opts.against and unmatched:
+    p.error(f"--against {opts.against} runs the peer with AdamW on the whole batch at once; "
+            f"{' and '.join(unmatched)} would time different work: leave them out")
   for flag, least in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("fsdp", 1),
                       ("devices", 1), ("steps", 1), ("pairs", 1), ("profile_steps", 1),
-                      ("warmup", 0), ("switch_warmup", 0), ("max_predictions", 0),
+                      ("warmup", 1), ("switch_warmup", 0), ("max_predictions", 0),
                       ("vocab_size", 0)):
     values = getattr(opts, flag)  # a list for the comma-separated flags; devices may be None
     for value in values if isinstance(values, list) else [least if values is None else values]:

@@ -1,6 +1,8 @@
 """The benchmark's peer, in a process of its own: Hugging Face BERT in PyTorch eager (float32, or
-bfloat16 under torch.autocast; train mode, AdamW, gradient clipping at 1.0) on the very batch our
-step runs.
+bfloat16 under torch.autocast; train mode, AdamW, gradient clipping at 1.0, no gradient
+checkpointing) on the very batch our step runs, the whole batch at once. The models are stock, as
+users run them: BertForPreTraining computes the last layer and the MLM head at every position,
+more FLOPs than our step (bench.peer_flops counts them).
 
 Started by `python -m bert_jax.bench --against hf-torch`, never by hand. It reads the model config
 (BertConfig JSON), the batch (.npz) and the task from its arguments, builds the model, prints one

@@ -9,7 +9,9 @@ import re
 import jax
 import pytest
 
-from bert_jax import bench
+from bert_jax import bench, sharding
+
+HAS_TORCH = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"))
 
 TINY = ["--variant", "tiny", "--batch_size", "4", "--seq_len", "32", "--steps", "2",
         "--warmup", "1"]
@@ -49,7 +51,7 @@ def test_one_sane_record_per_combination(tmp_path):
     assert r["tokens_per_s"] == pytest.approx(r["seq_len"] * r["sequences_per_s"])
     assert r["flops_per_step_analytic"] == tiny_training_flops(4, r["seq_len"],
                                                                r["max_predictions"])
-    assert r["flops_per_step_xla"] is None or r["flops_per_step_xla"] > 0
+    assert r["flops_per_step_xla"] is None  # the micro-batches run in a loop
     assert 0 < r["mfu"] and r["peak_flops_per_s"] > 0 and r["peak_source"].startswith("measured")
     assert r["cpu_model"] and r["versions"]["jax"] == jax.__version__
     assert set(r["xla_matmul_peak_flops"]) == {"float32", "bfloat16"}
@@ -107,6 +109,22 @@ def test_fine_tuning_step_and_custom_sizes():
   last = 2 * t * 2 * d * d + 2 * (2 * d * d + 2 * d * f) + 2 * 2 * t * d  # at [CLS] only
   assert r["flops_per_step_analytic"] == 3 * b * (2 * layer + last + 2 * (d * d + 2 * d))
   assert r["tokens_per_s"] > 0 and r["compiles"] == 1
+  assert r["flops_per_step_xla"] > 0  # no loop in this step
+
+
+def test_xla_flops_are_left_out_where_the_step_loops_and_steps_run_compiled():
+  """XLA's cost analysis counts a while loop's body once (scanned layers, micro-batches), so the
+  record leaves its count out there. The runner times the executable compiled ahead of time: the
+  jitted function's dispatch (tracing, compiling on its first call) never runs."""
+  cfg = bench.model_config("L3-H32-A4", vocab_size=99).replace(intermediate_size=37)
+  batch = bench.synthetic_batch(4, 16, 3, 99)
+  runner = lambda c, accum: bench.OursRunner(c, sharding.make_mesh(1), batch, "adamw", accum)  # noqa: E731
+  ours = runner(cfg, 1)
+  assert ours.xla_flops > 0  # dropout's random bits come from small loops without matmuls
+  ours.run(1)
+  assert ours.step._cache_size() == 0
+  assert runner(cfg.replace(scan_layers=True), 1).xla_flops is None  # two layers in a loop
+  assert runner(cfg, 2).xla_flops is None
 
 
 def test_scanned_layers_count_the_sparse_last_layer_too():
@@ -135,7 +153,8 @@ def test_impossible_settings_are_refused(args, message):
     (["--grad_accum", "0"], "--grad_accum 0: expected a positive number"),
     (["--steps", "0"], "--steps 0: expected a positive number"),
     (["--pairs", "0"], "--pairs 0: expected a positive number"),
-    (["--warmup", "-1"], "--warmup -1: expected 0 or more"),
+    (["--warmup", "0"], "--warmup 0: expected a positive number"),  # or it times the first
+    (["--switch_warmup", "-1"], "--switch_warmup -1: expected 0 or more"),
     (["--devices", "4", "--fsdp", "3"], "--fsdp 3 does not divide --devices 4"),
     (["--profile", __file__], "is a file; expected a directory for the traces"),
 ])
@@ -143,6 +162,40 @@ def test_bad_flags_are_refused_before_anything_runs(args, message):
   from bert_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=re.escape(message)):
     bench.main(TINY + args)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--optimizer", "lamb"], "--optimizer lamb"),
+    (["--grad_accum", "1,2"], "--grad_accum 2"),
+    (["--optimizer", "lamb", "--grad_accum", "2"], "--optimizer lamb and --grad_accum 2"),
+])
+def test_against_hf_torch_refuses_what_the_peer_does_not_run(capsys, args, named):
+  """The peer runs AdamW on the whole batch: LAMB or micro-batches would time other work."""
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(TINY + ["--against", "hf-torch"] + args)
+  assert exit_.value.code == 2
+  assert (f"--against hf-torch runs the peer with AdamW on the whole batch at once; {named} "
+          "would time different work") in capsys.readouterr().err
+
+
+def test_the_record_names_the_cpu_family_model_stepping_and_flags():
+  """"AMD EPYC" is a Zen 3 without AVX-512 (family 25 model 1) or a Zen 4 with avx512_bf16
+  (family 25 model 17): the record keeps what tells them apart."""
+  if not os.path.exists("/proc/cpuinfo"):
+    pytest.skip("no /proc/cpuinfo")
+  with open("/proc/cpuinfo", encoding="utf-8") as f:
+    first = f.read().split("\n\n")[0]
+  fields = dict((k.strip(), v.strip()) for k, _, v in
+                (line.partition(":") for line in first.splitlines()))
+  if "flags" not in fields:
+    pytest.skip("/proc/cpuinfo without x86 fields")
+  m = bench.machine()
+  assert (m["cpu_model"], m["cpu_family"], m["cpu_model_number"], m["cpu_stepping"]) == (
+      fields["model name"], int(fields["cpu family"]), int(fields["model"]),
+      int(fields["stepping"]))
+  flags = set(fields["flags"].split())
+  assert m["cpu_flags"] == {f: f in flags for f in (
+      "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
 
 
 def test_an_unknown_attention_is_refused(capsys):
@@ -176,31 +229,52 @@ def test_synthetic_batch_has_padding_and_real_predictions():
   assert (b["input_ids"][b["input_mask"] == 0] == 0).all()
 
 
-@pytest.mark.skipif(not (importlib.util.find_spec("torch") and
-                         importlib.util.find_spec("transformers")),
-                    reason="torch and transformers are needed for --against hf-torch")
+@pytest.mark.skipif(not HAS_TORCH, reason="torch and transformers count the peer's FLOPs")
+@pytest.mark.parametrize("task", ["pretraining", "classification"])
+def test_peer_flops_are_what_torch_counts_of_the_peers_step(task):
+  """Stock BertForPreTraining runs the last layer and the MLM head at every position, and
+  BertForSequenceClassification the last layer at every position: more than our step."""
+  from torch.utils.flop_counter import FlopCounterMode
+
+  from bert_jax import bench_peer
+  cfg = bench.model_config("L2-H32-A4", vocab_size=99).replace(intermediate_size=37)
+  batch = (bench.classification_batch(3, 16, 99) if task == "classification" else
+           bench.synthetic_batch(3, 16, 3, 99))
+  peer = bench_peer.Runner(json.loads(cfg.to_json()), task, batch)
+  with FlopCounterMode(display=False) as counter:
+    peer.model(**peer.inputs).loss.backward()
+  assert bench.peer_flops(cfg, 3, 16, task) == counter.get_total_flops()
+  assert bench.peer_flops(cfg, 3, 16, task) > bench.analytic_flops(cfg, 3, 16, 3, task)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="--against hf-torch needs torch and transformers")
 def test_against_hf_torch_gives_a_ratio():
   (r,) = bench.main(TINY + ["--devices", "1", "--against", "hf-torch", "--pairs", "1",
-                            "--steps", "1", "--warmup", "0", "--peak_flops", "1e12",
-                            "--vocab_size", "8000", "--dtype", "bfloat16"])
+                            "--steps", "1", "--warmup", "1", "--peak_flops", "1e12",
+                            "--vocab_size", "8000", "--dtype", "bfloat16", "--remat", "full"])
   assert r["against"] == "hf-torch" and len(r["ratios"]) == 1
   assert r["dtype"] == r["peer_dtype"] == "bfloat16"  # the peer under torch.autocast
+  assert (r["remat"], r["peer_remat"]) == ("full", "none")  # the same model FLOPs
   assert r["vocab_size"] == 8000
   assert r["flops_per_step_analytic"] == tiny_training_flops(4, 32, 5, v=8000)
   assert r["ratio_median"] > 0 and r["hf_tokens_per_s"] > 0
+  # the peer's work: the last layer and the MLM head at all 32 positions
+  ours, theirs = r["flops_per_step_analytic"], r["hf_flops_per_step"]
+  assert theirs == bench.peer_flops(bench.model_config("tiny", vocab_size=8000), 4, 32) > ours
+  assert r["hf_achieved_flops_per_s"] == pytest.approx(theirs / r["hf_step_s_median"])
+  assert r["equal_work_ratios"] == pytest.approx([x * ours / theirs for x in r["ratios"]])
+  assert r["equal_work_ratio_median"] == pytest.approx(r["ratio_median"] * ours / theirs)
   assert set(r["torch_matmul_peak_flops"]) == set(r["torch_matmul_peak_n"]) == {
       "float32", "bfloat16"}
   assert all(n in (256, 512, 1024, 2048) for n in r["torch_matmul_peak_n"].values())
   assert r["peer_process"] != os.getpid()  # the peer ran in a process of its own
 
 
-@pytest.mark.skipif(not (importlib.util.find_spec("torch") and
-                         importlib.util.find_spec("transformers")),
-                    reason="torch and transformers are needed for --against hf-torch")
+@pytest.mark.skipif(not HAS_TORCH, reason="--against hf-torch needs torch and transformers")
 @pytest.mark.slow  # CI: the pretraining step's peer, the same A/B code
 def test_fine_tuning_step_against_hf_torch():
   (r,) = bench.main(TINY + ["--task", "classification", "--devices", "1", "--against",
-                            "hf-torch", "--pairs", "1", "--steps", "1", "--warmup", "0"])
+                            "hf-torch", "--pairs", "1", "--steps", "1", "--warmup", "1"])
   assert r["task"] == "classification" and r["ratio_median"] > 0
   assert r["dtype"] == r["peer_dtype"] == "float32"
   assert r["peak_source"] == "measured float32 2048^3 matmul, best of the run"
@@ -284,3 +358,14 @@ def test_packing_bench_times_padded_and_packed_pretraining_steps(tmp_path):
   assert result["real_tokens_per_s_ratio"] == pair == pytest.approx(
       packed["real_tokens_per_s"] / padded["real_tokens_per_s"])
   assert packed["examples_per_s"] > 0 and result["cpu_model"]
+  # Without warmup the worker times the compiled step alone (it compiles ahead of time).
+  alone = bench_packing._pretraining_worker(str(tmp_path / "w" / "packed_64"), "tiny", 4, 1, 0)
+  assert alone["seconds_per_step"] > 0 and alone["loss"] > 0
+
+
+def test_packing_bench_needs_a_warmup_step(capsys):
+  from bert_jax import bench_packing
+  with pytest.raises(SystemExit) as exit_:
+    bench_packing.main(["pretraining", "--warmup", "0"])
+  assert exit_.value.code == 2
+  assert "--warmup and --repeats must be >= 1" in capsys.readouterr().err
