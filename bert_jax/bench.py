@@ -220,20 +220,19 @@ class MatmulPeak:
 
 
 @functools.cache
-def _matmul_peak(num_devices: int, dtype: str = "float32") -> MatmulPeak:
-  return MatmulPeak(sharding.make_mesh(num_devices), dtype=dtype)
+def _matmul_peak(num_devices: int, dtype: str = "float32", n: int = 2048) -> MatmulPeak:
+  return MatmulPeak(sharding.make_mesh(num_devices), n, dtype)
 
 
-def xla_matmul_peaks(num_devices: int) -> dict[str, float]:
-  """XLA's best float32 and bfloat16 matmul FLOP/s of the run so far, on `num_devices`."""
-  return {dtype: _matmul_peak(num_devices, dtype).probe() for dtype in ("float32", "bfloat16")}
+def xla_matmul_peaks(num_devices: int, n: int = 2048) -> dict[str, float]:
+  """XLA's best float32 and bfloat16 n^3 matmul FLOP/s of the run so far, on `num_devices`."""
+  return {dtype: _matmul_peak(num_devices, dtype, n).probe() for dtype in ("float32", "bfloat16")}
 
 
-def peak_flops(mesh, override: float | None, dtype: str = "float32"
+def peak_flops(mesh, override: float | None, dtype: str = "float32", n: int = 2048
                ) -> tuple[Callable[[], float], str]:
   """(a function giving the peak FLOP/s of the mesh, where the number comes from). On CPU each
-  call probes the matmul in `dtype` again and returns the best rate of the run so far."""
-  n = mesh.devices.size
+  call probes the n^3 matmul in `dtype` again and returns the best rate of the run so far."""
   if override:
     return lambda: override, "flag"
   kind = mesh.devices.flat[0].device_kind
@@ -241,8 +240,9 @@ def peak_flops(mesh, override: float | None, dtype: str = "float32"
     peak = published_peak(kind)
     if peak is None:
       raise ValueError(f"no published peak for device kind {kind!r}: pass --peak_flops")
-    return lambda: peak * n, f"published bf16 peak of {kind}"
-  return _matmul_peak(n, dtype).probe, f"measured {dtype} 2048^3 matmul, best of the run"
+    return lambda: peak * mesh.devices.size, f"published bf16 peak of {kind}"
+  return (_matmul_peak(mesh.devices.size, dtype, n).probe,
+          f"measured {dtype} {n}^3 matmul, best of the run")
 
 
 def peak_memory(mesh) -> tuple[int, str]:
@@ -315,7 +315,7 @@ class PeerProcess:
   1.0."""
 
   def __init__(self, config: BertConfig, batch: dict[str, np.ndarray], task: str,
-               dtype: str = "float32"):
+               dtype: str = "float32", probe_size: int = 2048):
     self.dtype = dtype
     for module in ("torch", "transformers"):
       if importlib.util.find_spec(module) is None:
@@ -326,7 +326,7 @@ class PeerProcess:
     np.savez(path, **batch)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "bert_jax.bench_peer", "--config", config.to_json(),
-         "--batch", path, "--task", task, "--dtype", dtype],
+         "--batch", path, "--task", task, "--dtype", dtype, "--probe_size", str(probe_size)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     self.info = self._read()["ready"]
@@ -418,7 +418,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
   classify = opts.task == "classification"
   preds = 0 if classify else opts.max_predictions or default_max_predictions(seq_len)
   mesh = sharding.make_mesh(devices, fsdp)
-  probe_peak, peak_source = peak_flops(mesh, opts.peak_flops, config.compute_dtype.name)
+  probe_peak, peak_source = peak_flops(mesh, opts.peak_flops, config.compute_dtype.name,
+                                       opts.probe_size)
   probe_peak()
   batch = (classification_batch(batch_size, seq_len, config.vocab_size) if classify else
            synthetic_batch(batch_size, seq_len, preds, config.vocab_size))
@@ -430,7 +431,7 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
     ours_bf16 = config.compute_dtype == jnp.bfloat16
     peer_dtype = opts.peer_dtype if opts.peer_dtype != "same" else (
         "bfloat16" if ours_bf16 else "float32")
-    theirs = PeerProcess(config, batch, opts.task, peer_dtype)
+    theirs = PeerProcess(config, batch, opts.task, peer_dtype, opts.probe_size)
     try:
       extra = _compare(ours, theirs, opts, tokens, probe_peak,
                        (flops, peer_flops(config, batch_size, seq_len, opts.task)))
@@ -462,8 +463,8 @@ def bench_one(opts: argparse.Namespace, variant: str, batch_size: int, seq_len: 
           "flops_per_step_analytic": flops, "flops_per_step_xla": ours.xla_flops,
           "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": peak_source,
           "mfu": achieved / peak, "mfu_fastest_step": flops / stats["step_s_min"] / peak,
-          "xla_matmul_peak_flops": xla_matmul_peaks(devices) if jax.default_backend() == "cpu"
-          else None,
+          "xla_matmul_peak_flops": (xla_matmul_peaks(devices, opts.probe_size)
+                                    if jax.default_backend() == "cpu" else None),
           "peak_memory_bytes": memory,
           "peak_memory_source": memory_source,
           # the ahead-of-time compilation, and any of the jitted step (none: run() calls the
@@ -531,6 +532,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="einsum and/or dot_product: jax.nn.dot_product_attention (cuDNN on GPU), "
                       "no attention dropout")
   p.add_argument("--peak_flops", type=float, default=None, help="override the peak, FLOP/s")
+  p.add_argument("--probe_size", type=int, default=2048,
+                 help="n of the n^3 matmuls that measure both frameworks' peaks on CPU")
   p.add_argument("--json", default=None,
                  help="append a JSON line per configuration to this file ('-': stdout)")
   p.add_argument("--profile", default=None,
@@ -555,12 +558,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for flag, least in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("fsdp", 1),
                       ("devices", 1), ("steps", 1), ("pairs", 1), ("profile_steps", 1),
                       ("warmup", 1), ("switch_warmup", 0), ("max_predictions", 0),
-                      ("vocab_size", 0)):
+                      ("vocab_size", 0), ("probe_size", 16)):
     values = getattr(opts, flag)  # a list for the comma-separated flags; devices may be None
     for value in values if isinstance(values, list) else [least if values is None else values]:
       if value < least:
         raise ConfigError(f"--{flag} {value}: expected "
-                          + ("a positive number" if least else "0 or more"))
+                          + ({0: "0 or more", 1: "a positive number"}.get(least)
+                             or f"{least} or more"))
   if opts.profile and not files.is_url(opts.profile) and os.path.isfile(opts.profile):
     raise ConfigError(f"--profile {opts.profile}: is a file; expected a directory for the traces")
   return opts

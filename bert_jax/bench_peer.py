@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--threads", type=int, default=0, help="0: every core this process may use")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: the forward pass under torch.autocast (float32 weights)")
+  p.add_argument("--probe_size", type=int, default=2048, help="n of the n^3 peak matmuls")
   args = p.parse_args(argv)
   import torch
   import transformers
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
   with np.load(args.batch) as f:
     batch = {k: f[k] for k in f.files}
   runner = Runner(json.loads(args.config), args.task, batch, dtype=args.dtype)
-  peak = TorchMatmulPeak()
+  peak = TorchMatmulPeak(args.probe_size)
   print(json.dumps({"ready": {"torch": torch.__version__,
                               "transformers": transformers.__version__,
                               "threads": torch.get_num_threads()}}), flush=True)

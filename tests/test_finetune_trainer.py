@@ -41,10 +41,11 @@ def one_device_run(model_dir, tmp_path_factory):  # noqa: F811
   return _finetune(model_dir, tmp_path_factory.mktemp("one"), "one", **{"train.dropout": 0.1})
 
 
-# CI: the (2, 4) mesh, data and fsdp both; the others in the full suite.
-@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow),
-                                       pytest.param(4, 2, marks=pytest.mark.slow), (2, 4),
-                                       pytest.param(1, 8, marks=pytest.mark.slow)])
+# All slow (CI time, about 30 s here): CI checks the shared step on every mesh
+# (tests/test_trainer.py), packed fine-tuning batches on 8 devices (tests/test_packing.py) and
+# fine-tuning on 2 processes x 2 devices (tests/test_multihost.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)])
 def test_every_mesh_gives_the_same_finetuning_run(model_dir, tmp_path, monkeypatch, data,  # noqa: F811
                                                   fsdp, one_device_run):
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 0)  # shard the tiny model's arrays too

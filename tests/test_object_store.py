@@ -173,7 +173,8 @@ def test_bench_profile_uploads_its_trace_to_gcs(gcs, tmp_path):
   from bert_jax import bench, files
   root = f"gs://{BUCKET}/{tmp_path.name}/prof"
   (r,) = bench.main(["--variant", "tiny", "--batch_size", "2", "--seq_len", "16", "--steps", "1",
-                     "--warmup", "1", "--devices", "1", "--profile", root, "--profile_steps", "1"])
+                     "--warmup", "1", "--devices", "1", "--profile", root, "--profile_steps", "1",
+                     "--probe_size", "256"])
   p = r["profile"]
   assert p["trace_dir"].startswith(root + "/")
   assert p["categories"]["matmul"]["s"] > 0 and p["matmul_flops_per_step"] > 0
