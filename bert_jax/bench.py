@@ -295,7 +295,7 @@ def _xla_flops(compiled) -> float | None:
   step runs matmuls (--scan_layers, --grad_accum > 1): the cost analysis counts a loop's body
   once. (Dropout's random bits come from small loops without any: they are left to count.)"""
   instrs, comps = step_profile.parse_hlo(compiled.as_text())
-  loops = [step_profile._inside(name, instrs, comps)
+  loops = [step_profile.instructions_inside(name, instrs, comps)
            for name, instr in instrs.items() if instr.opcode == "while"]
   if any(i.opcode in ("dot", "convolution", "custom-call") for body in loops for i in body):
     return None

@@ -102,7 +102,8 @@ def _dot_flops(dot: Instr, instrs: dict[str, Instr]) -> int:
   return 2 * math.prod(_dims(dot.shape)) * contracted
 
 
-def _inside(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]) -> list[Instr]:
+def instructions_inside(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]
+                        ) -> list[Instr]:
   """The instruction and every instruction of the computations it calls, recursively."""
   out, todo, seen = [], [name], set()
   while todo:
@@ -120,7 +121,7 @@ def _inside(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]) ->
 def categorise(name: str, instrs: dict[str, Instr], comps: dict[str, list[str]]
                ) -> tuple[str, int]:
   """(category, dot FLOPs) of one executed op."""
-  body = _inside(name, instrs, comps)
+  body = instructions_inside(name, instrs, comps)
   targets = " ".join(i.rest for i in body if i.opcode == "custom-call").lower()
   if "fmha" in targets or "flash" in targets or "dot_product_attention" in targets:
     return "attention (fused)", 0
