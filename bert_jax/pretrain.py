@@ -289,7 +289,9 @@ def _check_eval_split(data_dir: epath.Path, manifest: dict) -> bool:
 # What a resumed run may change (trainer.check_resume): freely, the cadence, the placement and
 # the compute form (the loader itself warns about another batch size or seed and continues in
 # its order); with a warning, the optimisation settings and the paths (a workdir moves between
-# machines and buckets; the workdir's tokenizer and data are checked by their own contents).
+# machines and buckets). The other data.* fields are not compared here: the data a run reads is
+# checked against its own manifest (check_recipe, check_config) and the tokenizer by its contents
+# (prepare_tokenizer), and with data.data_dir the data.* recipe fields are not used at all.
 # Anything else is refused.
 RESUME_FREE = {"train.log_every", "train.eval_every", "train.eval_batches",
                "train.checkpoint_every", "train.keep_checkpoints", "train.progress_bar",
@@ -307,9 +309,10 @@ def initial_state(s: Setup, config: ml_collections.ConfigDict, mngr
   """The newest readable checkpoint of this workdir, else phase-1 weights, else fresh; laid out
   on the current mesh."""
   abstract = trainer.abstract_state(s.objective, s.tx, s.mesh, config.train.seed)
+  data_fields = {f"data.{k}" for k in config.data} - RESUME_WARNED
   restored = checkpoint.restore_latest(
       mngr, abstract, lambda where, meta: trainer.check_resume(
-          where, meta.get("config"), config, RESUME_FREE, RESUME_WARNED))
+          where, meta.get("config"), config, RESUME_FREE | data_fields, RESUME_WARNED))
   if restored is not None:
     step, state, meta = restored
     log.info("resuming from step %d in %s", step, mngr.directory)
